@@ -1,0 +1,179 @@
+"""Backend registry: which implementation of an op runs, and what happens when one cannot.
+
+Every op has a ``reference`` backend (plain PyTorch, float32 math or wider), usually a ``triton`` backend, and
+optionally a ``cuda`` backend (the compiled extension ``fastsft._C``: CUDA kernels for CUDA tensors, its C++
+kernels for CPU tensors).
+
+Choosing:
+- ``backend="auto"`` takes the order measured fastest for the device (``backend_table.json``, written by the
+  benchmarks with ``--write-table``; a default order for cards not in it) and skips unavailable backends.
+- ``FASTSFT_BACKEND=<name>`` forces a backend for every op, ``FASTSFT_BACKEND_<OP>=<name>`` (op name upper-cased)
+  for one op. A forced or explicitly requested backend that cannot run raises; it never falls back.
+- In ``auto``, a backend that fails to compile or launch is skipped with one warning, marked broken for that
+  device type for the rest of the process, and the next one runs. Errors about the caller's input
+  (``ValueError``/``TypeError``) and out-of-memory errors propagate: falling back would hide them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+TABLE_PATH = Path(__file__).with_name("backend_table.json")
+TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run on this device/input."""
+
+
+@dataclass
+class _Op:
+    name: str
+    impls: dict[str, Callable] = field(default_factory=dict)
+    # backend -> function(device) returning None when usable, else the reason it is not
+    checks: dict[str, Callable[[torch.device], str | None]] = field(default_factory=dict)
+
+
+_ops: dict[str, _Op] = {}
+_broken: dict[tuple[str, str, str], str] = {}  # (op, backend, device type) -> error
+
+
+def register(op: str, backend: str, *, available: Callable[[torch.device], str | None] | None = None):
+    """Decorator: register ``fn`` as ``backend`` of ``op``. ``available(device)`` returns None or a reason."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn):
+        entry = _ops.setdefault(op, _Op(op))
+        entry.impls[backend] = fn
+        entry.checks[backend] = available or (lambda device: None)
+        return fn
+
+    return deco
+
+
+def registered(op: str) -> tuple[str, ...]:
+    return tuple(b for b in BACKENDS if b in _ops[op].impls)
+
+
+def unavailable_reason(op: str, backend: str, device: torch.device) -> str | None:
+    entry = _ops[op]
+    if backend not in entry.impls:
+        return f"{op} has no {backend} backend"
+    broken = _broken.get((op, backend, device.type))
+    if broken is not None:
+        return f"it failed earlier in this process: {broken}"
+    return entry.checks[backend](device)
+
+
+@functools.lru_cache(maxsize=None)
+def _table() -> dict:
+    try:
+        return json.loads(TABLE_PATH.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def auto_order(op: str, device: torch.device) -> list[str]:
+    """Backends in the order measured fastest for this device, falling back to the table's defaults."""
+    table = _table().get(op, {})
+    order = None
+    if device.type == "cuda":
+        order = table.get("cards", {}).get(torch.cuda.get_device_name(device))
+    if order is None:
+        order = table.get("default", {}).get(device.type)
+    if order is None:  # no table entry at all: compiled first, then Triton on GPUs, reference last
+        order = ["cuda", "triton", "reference"] if device.type == "cuda" else ["cuda", "reference"]
+    return [b for b in order if b in _ops[op].impls]
+
+
+def requested_backend(op: str, backend: str) -> str:
+    """The backend asked for: an explicit argument wins over the env vars; 'auto' otherwise."""
+    if backend != "auto":
+        return backend
+    return (os.environ.get(f"FASTSFT_BACKEND_{op.upper()}") or os.environ.get("FASTSFT_BACKEND") or "auto").lower()
+
+
+def select(op: str, backend: str, device: torch.device) -> tuple[list[str], bool]:
+    """Candidate backends in order and whether the choice was explicit (explicit: exactly one, no fallback)."""
+    choice = requested_backend(op, backend)
+    if choice == "auto":
+        candidates = [b for b in auto_order(op, device) if unavailable_reason(op, b, device) is None]
+        if not candidates:
+            raise BackendUnavailable(f"no backend of {op} can run on {device}")
+        return candidates, False
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown backend {choice!r} for {op}; expected 'auto' or one of {BACKENDS}")
+    reason = unavailable_reason(op, choice, device)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {choice!r} of {op} cannot run on {device}: {reason}")
+    return [choice], True
+
+
+def dispatch(op: str, backend: str, device: torch.device, *args, **kwargs):
+    """Run ``op`` with the chosen backend, falling back (in auto mode) past backends that fail."""
+    candidates, explicit = select(op, backend, device)
+    for i, name in enumerate(candidates):
+        fn = _ops[op].impls[name]
+        if explicit or i == len(candidates) - 1:
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError, torch.OutOfMemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a compile or launch failure: one warning, then never again this process
+            _broken[(op, name, device.type)] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"fastsft: the {name} backend of {op} failed on {device.type} "
+                          f"({type(exc).__name__}: {exc}); falling back to {candidates[i + 1]}",
+                          RuntimeWarning, stacklevel=3)
+    raise AssertionError("unreachable")
+
+
+def chosen(op: str, device: torch.device, backend: str = "auto") -> str:
+    """The backend that ``dispatch`` would try first (for reports); raises if none can run."""
+    return select(op, backend, device)[0][0]
+
+
+# --- common availability checks ------------------------------------------------------------------------
+
+def triton_available(device: torch.device) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get(TRITON_INTERPRET_ENV) == "1":
+        return None
+    return f"Triton kernels run on CUDA devices (or on the CPU under {TRITON_INTERPRET_ENV}=1)"
+
+
+def extension_available(op_name: str) -> Callable[[torch.device], str | None]:
+    """Availability check for a compiled op ``fastsft::<op_name>``."""
+
+    def check(device: torch.device) -> str | None:
+        from fastsft import _extension
+
+        if not _extension.load():
+            return f"the compiled extension fastsft._C is not loaded ({_extension.error()})"
+        if not _extension.has_kernel(op_name, device.type):
+            return f"fastsft._C has no {device.type} kernel for {op_name} (built without CUDA?)"
+        return None
+
+    return check
+
+
+def report() -> dict[str, dict[str, str]]:
+    """For each op and backend on each local device type: 'ok' or why not."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return {op: {f"{b}@{d.type}": (unavailable_reason(op, b, d) or "ok") for d in devices for b in registered(op)}
+            for op in _ops}

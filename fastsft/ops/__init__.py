@@ -1,0 +1,5 @@
+"""fastsft's ops: each a documented function with ``backend="auto"`` (see :mod:`fastsft.backends`)."""
+
+from fastsft.ops.linear_cross_entropy import TokenStats, linear_cross_entropy
+
+__all__ = ["TokenStats", "linear_cross_entropy"]

@@ -1,0 +1,68 @@
+"""Shared test utilities: readable mismatch reports, baseline-relative tolerances, opcheck, backend lists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastsft import backends
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    denom = e.norm().item()
+    diff = (a - e).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def _describe(actual, expected, limit=5) -> str:
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    lines = [f"shapes {tuple(a.shape)} vs {tuple(e.shape)}"]
+    for name, t in (("actual", a), ("expected", e)):
+        bad = (~torch.isfinite(t)).sum().item()
+        if bad:
+            lines.append(f"{name} has {bad} NaN/inf values")
+    if a.shape == e.shape and a.numel():
+        diff = (a - e).abs()
+        order = diff.flatten().argsort(descending=True)[:limit]
+        for flat in order.tolist():
+            idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
+            lines.append(f"  at {idx}: actual {a[idx].item():.6g}, expected {e[idx].item():.6g}, "
+                         f"diff {diff[idx].item():.3g}")
+    return "\n".join(lines)
+
+
+def assert_close(actual, expected, *, rtol: float, name: str = "value", atol: float = 0.0):
+    """Norm-wise relative error at most ``rtol`` (plus ``atol`` absolute on the norm); finite values only."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: non-finite values\n{_describe(actual, expected)}"
+    err = rel_error(actual, expected)
+    abs_err = (actual.detach().double() - expected.detach().double()).norm().item()
+    assert err <= rtol or abs_err <= atol, (
+        f"{name}: relative error {err:.3g} > {rtol:.3g}\n{_describe(actual, expected)}")
+
+
+def assert_close_to_baseline(actual, expected, baseline, *, factor: float = 2.0, floor: float = 1e-6,
+                             name: str = "value"):
+    """The kernel's error against the float64 ``expected`` is at most ``factor`` times that of a plain PyTorch
+    ``baseline`` computed in the same low precision (plus ``floor``): a tolerance that follows dtype and size."""
+    base_err = rel_error(baseline, expected)
+    assert_close(actual, expected, rtol=factor * base_err + floor, name=f"{name} (baseline error {base_err:.3g})")
+
+
+def backend_params(op: str, device: str):
+    """pytest params for every registered backend of ``op``; unavailable ones are skipped with the reason."""
+    params = []
+    for name in backends.registered(op):
+        reason = backends.unavailable_reason(op, name, torch.device(device))
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def opcheck(op, args, kwargs=None):
+    """torch.library.opcheck with every test: schema, fake (meta), autograd registration, AOT dispatch."""
+    torch.library.opcheck(op, args, kwargs or {})
