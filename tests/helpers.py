@@ -63,6 +63,9 @@ def backend_params(op: str, device: str):
     return params
 
 
-def opcheck(op, args, kwargs=None):
-    """torch.library.opcheck with every test: schema, fake (meta), autograd registration, AOT dispatch."""
-    torch.library.opcheck(op, args, kwargs or {})
+def opcheck(op, args, kwargs=None, test_utils=None):
+    """torch.library.opcheck: schema, fake (meta), autograd registration and AOT dispatch (all by default)."""
+    if test_utils is None:
+        torch.library.opcheck(op, args, kwargs or {})
+    else:
+        torch.library.opcheck(op, args, kwargs or {}, test_utils=test_utils)

@@ -1,5 +1,6 @@
 """fastsft.ops.linear_cross_entropy: every backend against the float64 reference, forward and backward."""
 
+import importlib
 import warnings
 
 import pytest
@@ -7,11 +8,11 @@ import torch
 
 from fastsft import backends
 from fastsft.ops import linear_cross_entropy
-from fastsft.ops import linear_cross_entropy as lce_module
 from fastsft.reference import linear_cross_entropy as ref
 from helpers import DEVICES, assert_close, assert_close_to_baseline, backend_params, opcheck
 
 OP = "linear_cross_entropy"
+lce_module = importlib.import_module("fastsft.ops.linear_cross_entropy")  # the package exports a function of that name
 CASES = [pytest.param(d, b.values[0], id=f"{d}-{b.id}", marks=b.marks) for d in DEVICES for b in backend_params(OP, d)]
 LOW_PRECISION = [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
@@ -260,11 +261,16 @@ def test_opcheck_triton_rows(device):
         pytest.skip(reason)
     from fastsft.triton_kernels.cross_entropy import cross_entropy_rows  # noqa: F401 (registers the op)
 
-    opcheck(torch.ops.fastsft.cross_entropy_rows_triton.default, _rows_args(device))
+    # AOT autograd traces into a triton_op's body; Triton's CPU interpreter cannot run on traced tensors, so the
+    # AOT check runs only on a GPU (scripts/gpu_check.sh).
+    tests = None if device == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
+    opcheck(torch.ops.fastsft.cross_entropy_rows_triton.default, _rows_args(device), test_utils=tests)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
 def test_traceable_by_torch_compile(device, backend):
+    if device == "cpu" and backend == "triton":
+        pytest.skip("Triton's CPU interpreter cannot run on traced tensors; the GPU run covers this case")
     hidden, weight, labels, _ = make_inputs(16, 32, 100, torch.float32, device)
     expected = linear_cross_entropy(hidden, weight, labels, backend=backend)
 

@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from fastsft.ops.linear_cross_entropy import cross_entropy_rows_fake
+
 
 @triton.jit
 def _tanh(x):
@@ -116,3 +118,8 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, grad_scale: t
         num_warps=8 if block >= 2048 else 4,
     )
     return loss, lse, entropy, argmax
+
+
+# An explicit fake, shared with the compiled op: the traced default would launch the kernel on fake tensors
+# under TRITON_INTERPRET.
+cross_entropy_rows.register_fake(cross_entropy_rows_fake)

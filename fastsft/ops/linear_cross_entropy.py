@@ -295,10 +295,14 @@ def _finish(grad, factor, dtype, part_elements=1 << 24):
     return grad.to(dtype)
 
 
+def cross_entropy_rows_fake(logits, labels, grad_scale, scale, softcap, ignore_index, compute_grad,
+                            compute_entropy):
+    """Shapes and dtypes of the row kernels' outputs (the fake of both the compiled and the Triton op)."""
+    rows = logits.shape[0]
+    loss = logits.new_empty(rows, dtype=torch.float32)
+    return (loss, torch.empty_like(loss), logits.new_empty(rows if compute_entropy else 0, dtype=torch.float32),
+            logits.new_empty(rows, dtype=torch.int64))
+
+
 if _extension.load():
-    @torch.library.register_fake("fastsft::cross_entropy_rows")
-    def _cross_entropy_rows_fake(logits, labels, grad_scale, scale, softcap, ignore_index, compute_grad, compute_entropy):
-        rows = logits.shape[0]
-        loss = logits.new_empty(rows, dtype=torch.float32)
-        return (loss, torch.empty_like(loss), logits.new_empty(rows if compute_entropy else 0, dtype=torch.float32),
-                logits.new_empty(rows, dtype=torch.int64))
+    torch.library.register_fake("fastsft::cross_entropy_rows")(cross_entropy_rows_fake)

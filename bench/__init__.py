@@ -1,0 +1,1 @@
+"""fastsft benchmarks: one module per op (``bench_<op>.py``) plus the shared harness."""

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One GPU session in one command: install the wheels brought along, build the CUDA extension, run the tests
+# (GPU-marked ones included) and the benchmarks, writing logs and JSON into OUTDIR.
+#
+#   scripts/gpu_check.sh OUTDIR [STAGE ...]     stages: build test bench-lce bench-attention demo (default: all)
+#
+# Fits one 10-minute call on an H100/H200 (build ~1-2 min with 16 cores). Bring the wheels that the GPU image
+# lacks in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Every stage runs even if an earlier one failed;
+# the exit status is that of the first failure, and SUMMARY.txt lists each stage's status and duration.
+set -uo pipefail
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [STAGE ...]}
+shift
+stages=${*:-build test bench-lce bench-attention demo}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+status=0
+summary="$out/SUMMARY.txt"
+: > "$summary"
+
+stage() {  # stage NAME COMMAND...: run, log to OUTDIR/NAME.log, record status and time
+  local name=$1; shift
+  local start=$SECONDS
+  echo "=== $name: $*" | tee -a "$out/$name.log"
+  "$@" >> "$out/$name.log" 2>&1
+  local rc=$?
+  printf '%-16s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - start))" | tee -a "$summary"
+  tail -n 15 "$out/$name.log"
+  [ "$rc" -ne 0 ] && [ "$status" -eq 0 ] && status=$rc
+  return 0
+}
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$out/gpu.txt" 2>&1
+
+for s in $stages; do
+  case $s in
+    build) stage build env MAX_JOBS=16 FASTSFT_CUDA_ARCHS="80;90a" \
+             python3 -m pip install --no-build-isolation --no-deps --no-index -v -e . ;;
+    test) stage test env FASTSFT_REQUIRE_EXTENSION=1 python3 -m pytest ${FASTSFT_TESTS:-tests} -q -p no:cacheprovider -m "gpu or not gpu" --durations=15 \
+             --junitxml="$out/pytest.xml" ;;
+    bench-lce) stage bench-lce python3 -m bench.bench_linear_cross_entropy --out "$out" --write-table \
+             ${FASTSFT_BENCH_QUICK:+--quick} ;;
+    bench-attention) stage bench-attention python3 -m bench.bench_attention --out "$out/attention.json" \
+             ${FASTSFT_BENCH_QUICK:+--quick} ;;
+    demo) stage demo python3 -m fastsft demo --json "$out/demo.json" ;;
+    *) echo "unknown stage $s" | tee -a "$summary"; status=2 ;;
+  esac
+done
+cp fastsft/backend_table.json "$out/backend_table.json" 2>/dev/null
+cat "$summary"
+exit $status
