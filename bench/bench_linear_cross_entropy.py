@@ -113,6 +113,52 @@ def measure(provider: str, tokens: int, trainable: bool, tflops: float) -> dict:
     return row
 
 
+def breakdown(tokens: int = 16384) -> list[dict]:
+    """Where fastsft's time goes at the 8B head: each chunk's two GEMMs and row kernel alone, and the whole op
+    at several chunk sizes (time against peak memory)."""
+    from fastsft.ops import linear_cross_entropy
+    from fastsft.triton_kernels.cross_entropy import cross_entropy_rows as triton_rows
+
+    rows = []
+    w = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) / HIDDEN**0.5
+    for chunk in (256, 512, 1024, 2048):
+        h = torch.randn(chunk, HIDDEN, device="cuda", dtype=torch.bfloat16)
+        z = torch.empty(chunk, VOCAB, device="cuda", dtype=torch.bfloat16)
+        gh = torch.empty_like(h)
+        y = torch.randint(0, VOCAB, (chunk,), device="cuda")
+        one = torch.ones(1, device="cuda")
+        torch.mm(h, w.t(), out=z)
+        parts = {
+            "gemm logits": (lambda: torch.mm(h, w.t(), out=z), 2 * chunk * HIDDEN * VOCAB, 0),
+            "gemm grad hidden": (lambda: torch.mm(z, w, out=gh), 2 * chunk * HIDDEN * VOCAB, 0),
+            "rows triton": (lambda: triton_rows(z, y, one, 1.0, 0.0, -100, True, False), 0, 3 * z.numel() * 2),
+            "rows cuda": (lambda: torch.ops.fastsft.cross_entropy_rows(z, y, one, 1.0, 0.0, -100, True, False),
+                          0, 3 * z.numel() * 2),
+        }
+        for name, (fn, flop, nbytes) in parts.items():
+            t = harness.time_ms(fn, rep_ms=300)["ms"]
+            row = {"part": name, "chunk": chunk, "ms": t, "x_chunks_ms": t * tokens / chunk}
+            if flop:
+                row["TFLOP/s"] = flop / (t * 1e-3) / 1e12
+            if nbytes:
+                row["GB/s"] = nbytes / (t * 1e-3) / 1e9
+            rows.append(row)
+            print(row, flush=True)
+    hid = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, VOCAB, (tokens,), device="cuda")
+    for backend in ("cuda", "triton"):
+        for chunk in (256, 512, 1024, 2048):
+            def step():
+                linear_cross_entropy(hid, w, y, backend=backend, chunk_size=chunk).backward()
+            step()
+            row = {"part": f"whole op {backend}", "chunk": chunk, "tokens": tokens,
+                   "peak_extra_GiB": harness.peak_extra_bytes(step) / 2**30}
+            row.update(harness.time_ms(step, grad_to_none=[hid], rep_ms=600))
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def write_backend_table(rows: list[dict]) -> None:
     """Order fastsft's backends for this card by their median time at the largest frozen-weight size."""
     ours = [r for r in rows if r["provider"].startswith("fastsft-") and r["weight"] == "frozen" and "ms" in r]
@@ -135,9 +181,15 @@ def main(argv=None) -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--quick", action="store_true", help="16k tokens only, frozen and trainable")
     parser.add_argument("--write-table", action="store_true", help="store fastsft's backend order for this card")
+    parser.add_argument("--breakdown", action="store_true", help="only the per-part and chunk-size breakdown")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_linear_cross_entropy needs a CUDA GPU")
+    if args.breakdown:
+        harness.write(breakdown(), args.out, "linear_cross_entropy_breakdown",
+                      ["part", "chunk", "tokens", "ms", "x_chunks_ms", "TFLOP/s", "GB/s", "peak_extra_GiB"],
+                      "Linear cross-entropy: where the time goes (Llama-3-8B head, bf16, frozen weight)")
+        return
     tokens = [16384] if args.quick else [int(t) for t in args.tokens.split(",")]
     tflops = matmul_tflops()
     print(f"{torch.cuda.get_device_name()}: bf16 matmul {tflops:.0f} TFLOP/s", flush=True)

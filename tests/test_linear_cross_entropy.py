@@ -230,6 +230,8 @@ def test_default_chunk_size_keeps_logits_under_budget():
     assert lce_module.default_chunk_size(16384, 128_256, 2) == 512  # 125 MiB of bf16 logits
     assert lce_module.default_chunk_size(16384, 256_000, 2) == 256
     assert lce_module.default_chunk_size(37, 1000, 4) == 37
+    # a trainable 8B head: the float32 gradient is 2 GiB, so chunks of 2048 tokens (500 MiB of logits)
+    assert lce_module.default_chunk_size(16384, 128_256, 2, 4 * 128_256 * 4096) == 2048
     for vocab in (1000, 32_000, 128_256, 256_000):
         rows = lce_module.default_chunk_size(1 << 20, vocab, 2)
         assert rows * vocab * 2 <= lce_module._CHUNK_BYTES or rows == 16

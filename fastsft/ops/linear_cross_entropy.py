@@ -161,9 +161,14 @@ def _cuda_backend(hidden, weight, labels, **kw):
     return _chunked(_compiled_rows, hidden, weight, labels, **kw)
 
 
-def default_chunk_size(tokens: int, vocab: int, element_size: int) -> int:
-    """Largest power of two of tokens whose logits fit ``_CHUNK_BYTES`` (at least 16, at most 4096)."""
-    rows = max(1, _CHUNK_BYTES // (vocab * element_size))
+def default_chunk_size(tokens: int, vocab: int, element_size: int, weight_grad_bytes: int = 0) -> int:
+    """Largest power of two of tokens whose logits fit the chunk budget (at least 16, at most 4096).
+
+    The budget is ``_CHUNK_BYTES``, or a quarter of the float32 weight gradient when the weight trains: each
+    chunk then reads and writes that whole accumulator, so fewer, larger chunks are much faster, and the
+    accumulator already dwarfs the buffer."""
+    budget = max(_CHUNK_BYTES, weight_grad_bytes // 4)
+    rows = max(1, budget // (vocab * element_size))
     rows = 1 << (rows.bit_length() - 1)
     return max(1, min(tokens, max(16, min(rows, 4096))))
 
@@ -179,7 +184,9 @@ def _chunked(rows_fn, hidden, weight, labels, *, bias, ignore_index, reduction, 
         denom = (labels != ignore_index).sum().to(torch.float32)
     else:
         denom = torch.ones((), device=hidden.device, dtype=torch.float32)
-    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.element_size())
+    weight_grad_bytes = 4 * weight.numel() if weight.requires_grad and torch.is_grad_enabled() else 0
+    chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.element_size(),
+                                             weight_grad_bytes)
     settings = _Settings(rows_fn, ignore_index, reduction, float(softcap or 0.0), float(logit_scale or 1.0),
                          chunk, want_stats)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, denom.clamp(min=1), settings)
