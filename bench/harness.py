@@ -60,11 +60,12 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def write(rows: list[dict], out_dir: Path, name: str, columns: list[str], title: str) -> None:
-    """``<name>.json`` (environment + rows) and ``<name>.md`` (a table of ``columns``) in ``out_dir``."""
+def write(rows: list[dict], out_dir: Path, name: str, columns: list[str], title: str,
+          extra: dict | None = None) -> None:
+    """``<name>.json`` (environment, ``extra`` and rows) and ``<name>.md`` (a table of ``columns``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment()
-    (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, **(extra or {}), "rows": rows}, indent=1))
     lines = [f"# {title}", "", f"{env['card']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
              + f"; commit {env['commit']}; {env['date']}", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -76,6 +77,10 @@ def write(rows: list[dict], out_dir: Path, name: str, columns: list[str], title:
 def _fmt(value) -> str:
     if value is None:
         return "–"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v) for v in value) + "]"
+    if isinstance(value, float) and abs(value) < 100:
+        return f"{value:.4g}"
     if isinstance(value, float):
         return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)

@@ -1,0 +1,185 @@
+"""End-to-end SFT: stock TRL, TRL with Liger, and fastsft, each in its own process on the same GPU.
+
+    python -m bench.bench_sft --model llama-1b --providers trl,trl-liger,fastsft --packing --out bench/results
+
+The setup follows ../shared/docs/ANCHORS.md: random-init weights in the shape of a real model, bf16, LoRA r=16,
+alpha 16, dropout 0 on q,k,v,o,gate,up,down, AdamW, SDPA attention, non-reentrant gradient checkpointing;
+synthetic chat rows (user 20-300 words, assistant 50-1200 words, at 1.3 tokens a word) pre-tokenized with an
+assistant mask, so only assistant tokens carry the loss. Tokens/s counts non-padding input tokens after the
+warm-up steps, with the GPU synchronized at each step's end. Peak memory is the largest allocation of the run.
+The first steps' losses are recorded: the providers must agree on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {
+    # name: (hidden, intermediate, layers, heads, kv heads, vocab, tie embeddings)
+    "tiny": (64, 128, 2, 4, 2, 512, False),
+    "llama-1b": (2048, 8192, 16, 32, 8, 128_256, True),
+    "llama-8b": (4096, 14336, 32, 32, 8, 128_256, False),
+}
+PROVIDERS = ("trl", "trl-liger", "fastsft")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_rows(n: int, vocab: int, max_length: int, seed: int = 0) -> list[dict]:
+    """Chat-shaped rows of random ids: [bos] user [sep] assistant [eos], the assistant part (and eos) masked in."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        user = int(rng.integers(20, 301) * 1.3)
+        assistant = int(rng.integers(50, 1201) * 1.3)
+        prompt = [1] + rng.integers(8, vocab, user).tolist() + [3]
+        answer = rng.integers(8, vocab, assistant).tolist() + [2]
+        ids = (prompt + answer)[:max_length]
+        mask = ([0] * len(prompt) + [1] * len(answer))[:max_length]
+        rows.append({"input_ids": ids, "assistant_masks": mask})
+    return rows
+
+
+def make_tokenizer(vocab: int):
+    """A word-level tokenizer of the model's vocabulary size: the data is pre-tokenized, the trainer only needs
+    the special tokens (no download)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, "<sep>": 3} | {f"t{i}": i for i in range(4, vocab)}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def make_model(name: str, device: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, vocab, tie = MODELS[name]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         tie_word_embeddings=tie, max_position_embeddings=8192, rope_theta=500_000.0,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model
+
+
+class _StepClock:
+    """Trainer callback: wall time and input tokens seen at the end of every step (GPU synchronized)."""
+
+    def __new__(cls):
+        import torch
+        from transformers import TrainerCallback
+
+        class Clock(TrainerCallback):
+            def __init__(self):
+                self.marks = []
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.marks.append((state.global_step, time.perf_counter(), int(state.num_input_tokens_seen)))
+
+        return Clock()
+
+
+def run_one(provider: str, a: argparse.Namespace) -> dict:
+    """One provider's run in this process."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if provider == "fastsft":
+        from fastsft import SFTConfig, SFTTrainer
+    else:
+        from trl import SFTConfig, SFTTrainer
+    model = make_model(a.model, device)
+    steps = a.warmup + a.steps
+    rows_needed = steps * a.batch * (3 if a.packing else 1) + 8
+    data = Dataset.from_list(make_rows(rows_needed, model.config.vocab_size, a.max_length))
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=a.batch, learning_rate=1e-4,
+            logging_steps=1, report_to="none", save_strategy="no", bf16=device == "cuda",
+            use_cpu=device == "cpu", gradient_checkpointing=a.checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if a.checkpointing else None,
+            packing=a.packing, max_length=a.max_length, include_num_input_tokens_seen="non_padding",
+            use_liger_kernel=provider == "trl-liger", dataloader_num_workers=0, seed=0, data_seed=0,
+            optim="adamw_torch")
+        lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                          task_type="CAUSAL_LM")
+        clock = _StepClock()
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=make_tokenizer(
+            model.config.vocab_size), peft_config=lora, callbacks=[clock])
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    (s0, t0, n0), (s1, t1, n1) = clock.marks[a.warmup - 1], clock.marks[-1]
+    result = {"provider": provider, "model": a.model, "packing": a.packing, "batch": a.batch,
+              "max_length": a.max_length, "checkpointing": a.checkpointing, "steps_timed": s1 - s0,
+              "tokens_per_s": (n1 - n0) / (t1 - t0), "first_losses": losses[:5]}
+    if device == "cuda":
+        result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="llama-1b")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--name", default=None, help="result file name (default: sft_<model>[_packing])")
+    parser.add_argument("--single", choices=PROVIDERS, help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)
+    a = parser.parse_args(argv)
+    if a.single:
+        a.result_json.write_text(json.dumps(run_one(a.single, a)))
+        return
+
+    from bench import harness
+
+    rows = []
+    for provider in a.providers.split(","):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, "-m", "bench.bench_sft", *(argv if argv is not None else sys.argv[1:]),
+                   "--single", provider, "--result-json", f.name]
+            start = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+            if proc.returncode == 0:
+                row = json.loads(Path(f.name).read_text())
+            else:
+                row = {"provider": provider, "error": proc.stderr.strip().splitlines()[-1][:300]
+                       if proc.stderr.strip() else f"exit {proc.returncode}"}
+                sys.stderr.write(proc.stderr[-3000:])
+            row["wall_s"] = time.time() - start
+            print(row, flush=True)
+            rows.append(row)
+    name = a.name or f"sft_{a.model}{'_packing' if a.packing else ''}"
+    harness.write(rows, a.out, name,
+                  ["provider", "model", "packing", "batch", "tokens_per_s", "peak_GiB", "first_losses", "wall_s",
+                   "error"],
+                  f"SFT end to end: {a.model}, {'packing' if a.packing else 'no packing'}, batch {a.batch}, "
+                  f"max_length {a.max_length}, LoRA r=16, checkpointing {a.checkpointing}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Packed (varlen) flash attention: several sequences in one row of tokens, no attention across them.
+
+The layout is flash-attn's varlen API: ``q`` [total_tokens, Hq, D], ``k``/``v`` [total_tokens, Hkv, D], and
+``cu_seqlens`` (int32 [num_seqs + 1]: 0, end of sequence 0, ..., total_tokens). Backends:
+- ``triton``: ``fastsft.triton_kernels.flash_attention`` (forward saves the log-sum-exp; FA2 backward with a
+  dK/dV kernel and a dQ kernel, no atomics, so always deterministic).
+- ``reference``: explicit scores per sequence (``fastsft.reference.attention``), autograd through PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastsft import backends
+from fastsft.reference import attention as reference
+
+OP = "flash_attention_varlen"
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_KERNEL_HEAD_DIM = 256
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           max_seqlen: int, *, causal: bool = True, softmax_scale: float | None = None,
+                           window: int | None = None, softcap: float | None = None, deterministic: bool = True,
+                           backend: str = "auto") -> torch.Tensor:
+    """Attention of packed sequences; returns [total_tokens, Hq, D] in q's dtype.
+
+    Args:
+        q: [total_tokens, Hq, D]; k, v: [total_tokens, Hkv, D] with ``Hq % Hkv == 0`` (grouped-query attention:
+            query head ``h`` reads K/V head ``h // (Hq // Hkv)``). float16, bfloat16 or float32 (float64 on the
+            reference backend); the Triton backend takes head dims up to 256.
+        cu_seqlens: int32 [num_seqs + 1], non-decreasing, from 0 to total_tokens, on q's device.
+        max_seqlen: the longest sequence (a Python int, at least ``max(diff(cu_seqlens))``): it sizes the
+            kernel grid without a host sync.
+        causal: query i sees keys j <= i of its sequence (else every key of its sequence).
+        softmax_scale: default ``1 / sqrt(D)``.
+        window: sliding window (left size, needs ``causal``): query i sees keys j with ``i - window < j <= i``;
+            None for no limit.
+        softcap: Gemma 2's logit soft-capping ``cap * tanh(s / cap)`` before the softmax; None for none.
+        deterministic: accepted for flash-attn compatibility; every backend here is deterministic.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"`` (see :mod:`fastsft.backends`).
+
+    Gradients flow to q, k and v. cu_seqlens values are checked on the CPU; on a GPU they are checked by an
+    asynchronous device assert (no host sync), skipped while compiling.
+    """
+    del deterministic
+    _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap)
+    _check_cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return backends.dispatch(OP, backend, q.device, q, k, v, cu_seqlens, int(max_seqlen), causal=bool(causal),
+                             softmax_scale=scale, window=window, softcap=softcap)
+
+
+# --- input checks ------------------------------------------------------------------------------------------
+
+def _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softcap):
+    name = OP
+    for arg, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {arg} must be a tensor, got {type(t).__name__}")
+    if not q.is_floating_point() or q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"{name}: q, k and v must share a floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"{name}: expected q [total, Hq, D] and k, v [total, Hkv, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"{name}: k and v must be [total, Hkv, D] matching q's total and D, got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"{name}: the number of query heads ({q.shape[1]}) must be a multiple of the number of "
+                         f"key/value heads ({k.shape[1]})")
+    if q.shape[2] == 0:
+        raise ValueError(f"{name}: head dim must be positive")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise TypeError(f"{name}: cu_seqlens must be a 1-D int32 tensor [num_seqs + 1], got "
+                        f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    devices = {t.device for t in (q, k, v, cu_seqlens)}
+    if len(devices) > 1:
+        raise ValueError(f"{name}: q, k, v and cu_seqlens must be on one device, got {sorted(map(str, devices))}")
+    if isinstance(max_seqlen, torch.Tensor) or isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"{name}: max_seqlen must be a Python int (it sizes the grid), got {type(max_seqlen).__name__}")
+    if max_seqlen < 0:
+        raise ValueError(f"{name}: max_seqlen must be non-negative, got {max_seqlen}")
+    if softmax_scale is not None and not math.isfinite(softmax_scale):
+        raise ValueError(f"{name}: softmax_scale must be finite, got {softmax_scale}")
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"{name}: window must be a positive int or None, got {window!r}")
+        if not causal:
+            raise ValueError(f"{name}: window (a left window) needs causal=True")
+    if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
+        raise ValueError(f"{name}: softcap must be a positive number or None, got {softcap}")
+
+
+def _check_cu_seqlens_values(cu_seqlens, total, max_seqlen):
+    """0 = cu[0] <= cu[1] <= ... <= cu[-1] = total and every length <= max_seqlen. On the CPU a plain check;
+    on a GPU an asynchronous device assert (no host sync); skipped while compiling."""
+    if torch.compiler.is_compiling():
+        return
+    lengths = cu_seqlens.diff()
+    if cu_seqlens.device.type == "cpu":
+        if cu_seqlens[0].item() != 0 or cu_seqlens[-1].item() != total:
+            raise ValueError(f"{OP}: cu_seqlens must start at 0 and end at the number of tokens ({total}), got "
+                             f"{cu_seqlens[0].item()} ... {cu_seqlens[-1].item()}")
+        if lengths.numel() and lengths.min().item() < 0:
+            raise ValueError(f"{OP}: cu_seqlens must be non-decreasing")
+        if lengths.numel() and lengths.max().item() > max_seqlen:
+            raise ValueError(f"{OP}: max_seqlen ({max_seqlen}) is less than the longest sequence "
+                             f"({lengths.max().item()})")
+        return
+    ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total)
+    if lengths.numel():
+        ok = ok & (lengths.min() >= 0) & (lengths.max() <= max_seqlen)
+    torch._assert_async(ok, f"{OP}: bad cu_seqlens (must go from 0 to {total}, non-decreasing, lengths <= "
+                            f"max_seqlen {max_seqlen})")
+
+
+# --- reference backend ---------------------------------------------------------------------------------------
+
+@backends.register(OP, "reference")
+def _reference_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window, softcap):
+    del max_seqlen
+    return reference.flash_attention_varlen(q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale,
+                                            window=window, softcap=softcap)
+
+
+# --- triton backend ------------------------------------------------------------------------------------------
+
+def _kernels():
+    from fastsft.triton_kernels import flash_attention  # noqa: F401 (registers the fastsft:: ops)
+
+    return torch.ops.fastsft.flash_attn_varlen_fwd_triton, torch.ops.fastsft.flash_attn_varlen_bwd_triton
+
+
+@backends.register(OP, "triton", available=backends.triton_available)
+def _triton_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window, softcap):
+    if q.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{OP}: the triton backend takes {_KERNEL_DTYPES}, got {q.dtype}; use backend='reference'")
+    if q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
+        raise ValueError(f"{OP}: the triton backend takes head dims up to {_MAX_KERNEL_HEAD_DIM}, got {q.shape[-1]}")
+    return _FlashAttnVarlen.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, int(window or 0),
+                                  float(softcap or 0.0))
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _FlashAttnVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap):
+        fwd, _ = _kernels()
+        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+        out, lse = fwd(q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.args = (max_seqlen, scale, causal, window, softcap)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        _, bwd = _kernels()
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        max_seqlen, scale, causal, window, softcap = ctx.args
+        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, window,
+                         softcap)
+        return dq, dk, dv, None, None, None, None, None, None

@@ -1,0 +1,247 @@
+"""fastsft attention for transformers models, through transformers' public ``AttentionInterface``.
+
+``register()`` adds the implementation ``"fastsft"`` (and its mask function) to transformers; a model selects it
+with ``model.set_attn_implementation("fastsft")`` or ``attn_implementation="fastsft"`` at load, and
+``fastsft.patch`` does that for supported families. Each call then picks a *provider* for its case:
+
+- ``fastsft``: ``fastsft.ops.flash_attention_varlen`` (packed or dense rows, GQA, window, softcap);
+- ``torch_varlen``: torch's ``torch.nn.attention.varlen.varlen_attn`` where the installed torch has it (CUDA,
+  bf16/fp16, no softcap);
+- ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal`` (dense rows only).
+
+The order per case (``packed`` or ``dense``) is measured per card by ``python -m bench.bench_attention
+--write-table`` into ``fastsft/attention_table.json``; ``FASTSFT_ATTENTION=<provider>`` forces one.
+
+What reaches the kernels without host syncs: packed rows from TRL's padding-free collator (``cu_seq_lens_q``
+and ``max_length_q`` in the batch), and rows without padding. Packed rows given only as ``position_ids`` that
+restart at 0, and right-padded rows, cost one host sync per forward pass (cached across layers). Left
+padding, holes in the mask, and decoding with a KV cache go to SDPA with an explicit mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import weakref
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+NAME = "fastsft"
+PROVIDERS = ("fastsft", "torch_varlen", "sdpa")
+TABLE_PATH = Path(__file__).with_name("attention_table.json")
+_DEFAULT_ORDER = {"packed": ["fastsft", "torch_varlen", "sdpa"], "dense": ["sdpa", "fastsft", "torch_varlen"]}
+
+_forced: str | None = None
+
+
+def register() -> str:
+    """Register ``"fastsft"`` with transformers' attention and mask interfaces (idempotent); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    AttentionMaskInterface.register(NAME, make_mask)
+    return NAME
+
+
+def force_provider(provider: str | None) -> None:
+    """Force a provider for every call (None: choose by measurement). ``FASTSFT_ATTENTION`` does the same."""
+    global _forced
+    if provider is not None and provider not in PROVIDERS:
+        raise ValueError(f"unknown attention provider {provider!r}; expected one of {PROVIDERS}")
+    _forced = provider
+
+
+@functools.lru_cache(maxsize=None)
+def _table() -> dict:
+    try:
+        return json.loads(TABLE_PATH.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def provider_order(case: str, device: torch.device) -> list[str]:
+    """Providers for ``case`` ("packed" or "dense") on this device, fastest measured first."""
+    forced = _forced or os.environ.get("FASTSFT_ATTENTION")
+    if forced:
+        if forced not in PROVIDERS:
+            raise ValueError(f"FASTSFT_ATTENTION={forced!r}: expected one of {PROVIDERS}")
+        return [forced]
+    if device.type == "cuda":
+        measured = _table().get("cards", {}).get(torch.cuda.get_device_name(device), {}).get(case)
+        if measured:
+            return list(measured)
+    return list(_DEFAULT_ORDER[case])
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def supports(provider: str, *, device, dtype, head_dim, packed, window, softcap) -> bool:
+    if provider == "fastsft":
+        return head_dim <= 256 or device.type != "cuda"
+    if provider == "torch_varlen":
+        return (_torch_varlen() is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+                and softcap is None and head_dim <= 256)
+    if provider == "sdpa":
+        return not packed and window is None and softcap is None
+    return False
+
+
+# --- masks -----------------------------------------------------------------------------------------------------
+
+def make_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, **kwargs):
+    """Mask function for ``"fastsft"``: like flash attention's (None, or the 2D padding mask) while queries and
+    keys are the same tokens; SDPA's 4D mask when a cache makes them differ (decoding)."""
+    from transformers import masking_utils
+
+    args = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+    if mask_function is not None:
+        args["mask_function"] = mask_function
+    offset = q_offset if isinstance(q_offset, int) else None
+    if kv_length != q_length or offset != 0 or kv_offset != 0:
+        return masking_utils.sdpa_mask(**args)
+    return masking_utils.flash_attention_mask(**args)
+
+
+class _PerForwardCache:
+    """A value derived (with a host sync) from a tensor that every layer of one forward pass receives: computed
+    for the first layer, reused by the others while the tensor is the same object and unchanged."""
+
+    def __init__(self):
+        self._key = None
+        self._value = None
+
+    def get(self, tensor: torch.Tensor, compute):
+        key = (id(tensor), tensor.data_ptr(), tensor._version)
+        if self._key is not None and self._key[0]() is tensor and self._key[1:] == key[1:]:
+            return self._value
+        value = compute(tensor)
+        self._key, self._value = (weakref.ref(tensor), *key[1:]), value
+        return value
+
+
+_position_cache = _PerForwardCache()
+_padding_cache = _PerForwardCache()
+
+
+def _cu_seqlens_from_position_ids(position_ids: torch.Tensor):
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
+    return cu, int(cu.diff().max()) if cu.numel() > 1 else 0
+
+
+def _is_right_padded(mask: torch.Tensor) -> bool:
+    lengths = mask.sum(-1, keepdim=True)
+    expected = torch.arange(mask.shape[-1], device=mask.device)[None] < lengths
+    return bool(torch.equal(mask.bool(), expected))
+
+
+# --- the attention function ----------------------------------------------------------------------------------
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query [B, Hq, S, D], key/value [B, Hkv, S, D] -> ([B, S, Hq, D], None)."""
+    batch, q_heads, q_len, head_dim = query.shape
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    softcap = kwargs.get("softcap")
+    if dropout and module.training:
+        raise ValueError("fastsft attention has no dropout; set the model's attention_dropout to 0 or use 'sdpa'")
+    if key.shape[2] != q_len or (attention_mask is not None and attention_mask.dim() == 4):
+        return _sdpa_with_mask(module, query, key, value, attention_mask, scaling, window, softcap)
+
+    cu, max_len = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    position_ids = kwargs.get("position_ids")
+    packed = cu is not None
+    if attention_mask is not None:  # 2D padding mask
+        if not _padding_cache.get(attention_mask, _is_right_padded):
+            return _sdpa_with_mask(module, query, key, value, attention_mask, scaling, window, softcap)
+        # Right padding: pads come after every real token of their row, so causal rows never see them.
+    elif not packed and position_ids is not None and batch == 1 and q_len > 1:
+        cu, max_len = _position_cache.get(position_ids, _cu_seqlens_from_position_ids)
+        packed = cu.numel() > 2
+    if not packed:
+        cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
+        max_len = q_len
+
+    case = "packed" if packed else "dense"
+    order = provider_order(case, query.device)
+    usable = [p for p in order if supports(p, device=query.device, dtype=query.dtype, head_dim=head_dim,
+                                           packed=packed, window=window, softcap=softcap)]
+    provider = usable[0] if usable else "fastsft"
+    if provider == "sdpa":
+        return _sdpa_dense(query, key, value, scaling)
+
+    # [B, H, S, D] -> [B*S, H, D]: the varlen layout
+    q = query.transpose(1, 2).reshape(batch * q_len, q_heads, head_dim)
+    k = key.transpose(1, 2).reshape(batch * q_len, key.shape[1], head_dim)
+    v = value.transpose(1, 2).reshape(batch * q_len, value.shape[1], head_dim)
+    cu = cu.to(device=query.device, dtype=torch.int32)
+    if provider == "torch_varlen":
+        out = _torch_varlen_call(q, k, v, cu, int(max_len), scaling, window)
+    else:
+        from fastsft.ops import flash_attention_varlen
+
+        out = flash_attention_varlen(q, k, v, cu, int(max_len), causal=True, softmax_scale=scaling,
+                                     window=window, softcap=softcap)
+    return out.view(batch, q_len, q_heads, head_dim), None
+
+
+def _torch_varlen_call(q, k, v, cu, max_len, scaling, window):
+    varlen_attn = _torch_varlen()
+    left = -1 if window is None else window - 1
+    try:
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(left, 0),
+                           enable_gqa=True)
+    except TypeError:  # older torch (2.11): is_causal and no GQA
+        group = q.shape[1] // k.shape[1]
+        if window is not None:
+            raise
+        return varlen_attn(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), cu, cu, max_len,
+                           max_len, is_causal=True, scale=scaling)
+
+
+def _sdpa_dense(query, key, value, scaling):
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa_with_mask(module, query, key, value, attention_mask, scaling, window, softcap):
+    """Decoding with a cache, left padding and other masks: SDPA with an explicit boolean mask."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask
+    else:  # build causal (+ window) (+ key padding), queries aligned to the last keys
+        qi = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
+        kj = torch.arange(kv_len, device=query.device)[None]
+        allowed = kj <= qi
+        if window is not None:
+            allowed = allowed & (kj > qi - window)
+        mask = allowed[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, -kv_len:].bool()
+    if softcap is not None:  # SDPA cannot cap the scores: plain math, as transformers' eager attention does
+        group = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = softcap * torch.tanh((query @ k.transpose(-1, -2)) * scale / softcap)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+        probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+        return (probs @ v).transpose(1, 2).contiguous(), None
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,350 @@
+"""fastsft.ops.flash_attention_varlen: every backend against the float64 reference, forward and q/k/v gradients.
+
+On the CPU the Triton kernels run in Triton's interpreter (slow), so the CPU cases are few and small (about 150
+tokens, a few heads, small blocks so that every sequence spans several); the GPU cases (``@pytest.mark.gpu``)
+take bfloat16, every head dim and 8k packed tokens.
+"""
+
+import math
+
+import pytest
+import torch
+
+from fastsft import backends
+from fastsft.ops import flash_attention_varlen
+from fastsft.reference import attention as ref
+from helpers import DEVICES, assert_close, assert_close_to_baseline, backend_params, opcheck
+
+OP = "flash_attention_varlen"
+CASES = [pytest.param(d, b.values[0], id=f"{d}-{b.id}", marks=b.marks) for d in DEVICES for b in backend_params(OP, d)]
+# norm-wise relative tolerance on the CPU (float64 reference); GPU tests use a same-dtype baseline instead
+RTOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.float64: 1e-10}
+
+
+def lengths_to_cu(lengths, device):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+def random_lengths(total, seed, *, max_len=80):
+    """Random segment lengths summing to ``total``, starting with a sequence of length 1."""
+    g = torch.Generator().manual_seed(seed)
+    lengths, left = [1], total - 1
+    while left > 0:
+        n = min(left, int(torch.randint(2, max_len + 1, (1,), generator=g)))
+        lengths.append(n)
+        left -= n
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    return [lengths[i] for i in perm]
+
+
+def make_inputs(lengths, hq, hkv, d, dtype, device):
+    total = sum(lengths)
+    q, k, v = (torch.randn(total, h, d, dtype=torch.float64).to(device=device, dtype=dtype).requires_grad_()
+               for h in (hq, hkv, hkv))
+    return q, k, v, lengths_to_cu(lengths, device), max(lengths, default=0)
+
+
+def run(backend, q, k, v, cu, max_seqlen, **kw):
+    """Output and (dq, dk, dv) of sum(out * upstream) with a fixed non-uniform upstream gradient."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = flash_attention_varlen(q, k, v, cu, max_seqlen, backend=backend, **kw)
+    upstream = torch.linspace(-1.0, 1.0, out.numel(), dtype=torch.float64, device=out.device).view_as(out)
+    (out * upstream.to(out.dtype)).sum().backward()
+    return out, q.grad, k.grad, v.grad
+
+
+def reference_of(q, k, v, cu, max_seqlen, **kw):
+    return run("reference", *(t.detach().double() for t in (q, k, v)), cu, max_seqlen, **kw)
+
+
+def check(backend, q, k, v, cu, max_seqlen, *, rtol, **kw):
+    got = run(backend, q, k, v, cu, max_seqlen, **kw)
+    want = reference_of(q, k, v, cu, max_seqlen, **kw)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == q.dtype and g.shape == w.shape
+        assert_close(g, w, rtol=rtol, atol=1e-9, name=name)
+        # element-wise too, so one unwritten or wrong row cannot hide in the norm
+        scale = w.abs().max().item() + 1e-30
+        worst = (g.double() - w).abs().max().item()
+        assert worst <= 50 * rtol * scale, f"{name}: max abs error {worst:.3g} (max |value| {scale:.3g})"
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer the Triton launchers allocate starts as NaN: an element the kernels forget stays NaN."""
+    from fastsft.triton_kernels import flash_attention as fa
+
+    def nan_empty(shape, like, dtype=None):
+        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype if dtype is None else dtype)
+
+    monkeypatch.setattr(fa, "_empty", nan_empty)
+
+
+# (lengths seed, Hq, Hkv, D, dtype, options): GQA 1/4/8, head dims 64, 96 and odd ones, window, softcap, scale
+CPU_CASES = [
+    pytest.param(1, 4, 4, 64, torch.float32, {}, id="mha-d64-f32"),
+    pytest.param(2, 4, 1, 96, torch.float32, {}, id="gqa4-d96-f32"),
+    pytest.param(3, 8, 1, 64, torch.float32, {"window": 7}, id="gqa8-d64-window7-f32"),
+    pytest.param(4, 4, 2, 64, torch.float32, {"softcap": 5.0, "softmax_scale": 0.3}, id="gqa2-softcap-scale-f32"),
+    pytest.param(5, 2, 1, 40, torch.float32, {"window": 33, "softcap": 2.0}, id="d40-window33-softcap-f32"),
+    pytest.param(6, 2, 1, 64, torch.float32, {"causal": False}, id="noncausal-f32"),
+    pytest.param(7, 4, 1, 64, torch.float16, {"window": 16}, id="gqa4-d64-window16-f16"),
+    pytest.param(8, 2, 2, 96, torch.float16, {"softcap": 3.0}, id="d96-softcap-f16"),
+]
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("seed,hq,hkv,d,dtype,opts", CPU_CASES)
+def test_matches_reference(device, backend, seed, hq, hkv, d, dtype, opts, poisoned):
+    lengths = random_lengths(150, seed)
+    q, k, v, cu, max_seqlen = make_inputs(lengths, hq, hkv, d, dtype, device)
+    check(backend, q, k, v, cu, max_seqlen, rtol=RTOL[dtype], **opts)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_head_dim_128_with_zero_length_and_single_token_sequences(device, backend, poisoned):
+    lengths = [1, 0, 33, 1, 0, 50, 1]
+    q, k, v, cu, _ = make_inputs(lengths, 2, 1, 128, torch.float32, device)
+    # max_seqlen larger than needed is allowed (only launches blocks that exit at once)
+    check(backend, q, k, v, cu, 70, rtol=RTOL[torch.float32], window=20)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_one_long_sequence_matches_reference(device, backend, poisoned):
+    q, k, v, cu, max_seqlen = make_inputs([131], 2, 1, 64, torch.float32, device)
+    check(backend, q, k, v, cu, max_seqlen, rtol=RTOL[torch.float32])
+
+
+@pytest.mark.parametrize("fwd_blocks,bwd_blocks", [((128, 64), (64, 64)), ((64, 32), (32, 32)), ((16, 64), (64, 16))],
+                         ids=["gpu-d128", "gpu-d256", "m-lt-n"])
+@pytest.mark.parametrize("opts", [{}, {"window": 70, "softcap": 6.0}], ids=["causal", "window-softcap"])
+def test_other_block_sizes(fwd_blocks, bwd_blocks, opts, poisoned, monkeypatch):
+    """The block-range logic with the GPU's block shapes (and BLOCK_M < BLOCK_N), in the interpreter."""
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")):
+        pytest.skip("needs the triton backend on the CPU")
+    from fastsft.triton_kernels import flash_attention as fa
+
+    monkeypatch.setattr(fa, "fwd_config", lambda *a: dict(BLOCK_M=fwd_blocks[0], BLOCK_N=fwd_blocks[1],
+                                                          num_warps=4, num_stages=1))
+    monkeypatch.setattr(fa, "bwd_config", lambda *a: dict(BLOCK_M=bwd_blocks[0], BLOCK_N=bwd_blocks[1],
+                                                          num_warps=4, num_stages=1))
+    q, k, v, cu, m = make_inputs([1, 200, 129, 64, 2], 2, 1, 64, torch.float32, "cpu")
+    check("triton", q, k, v, cu, m, rtol=RTOL[torch.float32], **opts)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_window_sizes_around_block_edges(device, backend, poisoned):
+    """Windows whose edges fall just before, on and after block boundaries (blocks of 16 and 32 on the CPU)."""
+    q, k, v, cu, m = make_inputs([100, 37], 1, 1, 16, torch.float32, device)
+    for window in (2, 3, 15, 16, 17, 18, 31, 32, 33, 34, 64, 65, 99, 100):
+        check(backend, q, k, v, cu, m, rtol=RTOL[torch.float32], window=window)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_backward_is_deterministic(device, backend):
+    q, k, v, cu, max_seqlen = make_inputs(random_lengths(120, 11), 4, 1, 64, torch.float32, device)
+    first = run(backend, q, k, v, cu, max_seqlen, softcap=4.0)
+    second = run(backend, q, k, v, cu, max_seqlen, softcap=4.0)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_no_tokens(device, backend):
+    for lengths in ([], [0, 0]):
+        q, k, v, cu, max_seqlen = make_inputs(lengths, 2, 1, 64, torch.float32, device)
+        out, dq, dk, dv = run(backend, q, k, v, cu, max_seqlen)
+        assert out.shape == (0, 2, 64) and dq.shape == (0, 2, 64) and dk.shape == (0, 1, 64)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_non_contiguous_inputs(device, backend):
+    # q, k, v as views of one fused qkv projection (strided heads), as models produce them
+    lengths = [5, 40, 20]
+    total, d = sum(lengths), 64
+    qkv = torch.randn(total, 4 + 1 + 1, d, dtype=torch.float32, device=device)
+    q, k, v = qkv[:, :4], qkv[:, 4:5], qkv[:, 5:6]
+    cu = lengths_to_cu(lengths, device)
+    got = flash_attention_varlen(q, k, v, cu, max(lengths), backend=backend)
+    want = ref.flash_attention_varlen(q.double(), k.double(), v.double(), cu)
+    assert_close(got, want, rtol=RTOL[torch.float32], name="out")
+
+
+def test_reference_matches_sdpa_per_sequence():
+    """The reference against torch's SDPA run one sequence at a time (float64, GQA repeated by hand)."""
+    lengths = [1, 9, 30]
+    q, k, v, cu, _ = make_inputs(lengths, 4, 2, 16, torch.float64, "cpu")
+    got = ref.flash_attention_varlen(q, k, v, cu, softmax_scale=0.2)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        want = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks.repeat_interleave(2, 0), vs.repeat_interleave(2, 0), is_causal=True, scale=0.2)
+        assert_close(got[s:e], want.transpose(0, 1), rtol=1e-12, name=f"tokens {s}:{e}")
+
+
+def test_reference_window_and_softcap_masks():
+    keep = ref.attention_mask(5, window=2)
+    assert keep.tolist() == [[j in (i - 1, i) for j in range(5)] for i in range(5)]
+    q, k, v, cu, _ = make_inputs([6], 1, 1, 4, torch.float64, "cpu")
+    got = ref.flash_attention_varlen(q, k, v, cu, window=1)
+    assert_close(got, v.detach(), rtol=1e-12, name="window 1 attends to itself only")
+    big = ref.flash_attention_varlen(q * 100, k, v, cu, softcap=1.0)
+    scores = torch.tanh(100 * (q[:, 0] @ k[:, 0].T) / 2.0).masked_fill(~ref.attention_mask(6), float("-inf"))
+    assert_close(big[:, 0], torch.softmax(scores, -1) @ v[:, 0], rtol=1e-12, name="softcap")
+
+
+def test_bad_input_is_rejected_clearly():
+    q, k, v, cu, m = make_inputs([3, 4], 4, 2, 64, torch.float32, "cpu")
+    fa = flash_attention_varlen
+    with pytest.raises(TypeError, match="share a floating dtype"):
+        fa(q, k.half(), v, cu, m)
+    with pytest.raises(ValueError, match="multiple of the number of key/value heads"):
+        fa(q[:, :3], k, v, cu, m)
+    with pytest.raises(ValueError, match="expected q"):
+        fa(q[0], k, v, cu, m)
+    with pytest.raises(ValueError, match="matching q"):
+        fa(q, k[:5], v[:5], cu, m)
+    with pytest.raises(TypeError, match="int32"):
+        fa(q, k, v, cu.long(), m)
+    with pytest.raises(ValueError, match="start at 0 and end"):
+        fa(q, k, v, torch.tensor([0, 3, 6], dtype=torch.int32), m)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        fa(q, k, v, torch.tensor([0, 5, 3, 7], dtype=torch.int32), 5)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        fa(q, k, v, cu, 3)
+    with pytest.raises(TypeError, match="Python int"):
+        fa(q, k, v, cu, torch.tensor(4))
+    with pytest.raises(ValueError, match="window"):
+        fa(q, k, v, cu, m, window=0)
+    with pytest.raises(ValueError, match="needs causal"):
+        fa(q, k, v, cu, m, window=4, causal=False)
+    with pytest.raises(ValueError, match="softcap"):
+        fa(q, k, v, cu, m, softcap=-1.0)
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")) is None:
+        with pytest.raises(TypeError, match="reference"):
+            fa(q.double(), k.double(), v.double(), cu, m, backend="triton")
+        big = torch.randn(7, 1, 512)
+        with pytest.raises(ValueError, match="head dims up to 256"):
+            fa(big, big, big, cu, m, backend="triton")
+
+
+def _op_args(device, dtype=torch.float32, d=64):
+    lengths = [1, 20, 9]
+    q, k, v, cu, m = make_inputs(lengths, 4, 2, d, dtype, device)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    return q, k, v, cu, m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_triton_ops(device):
+    reason = backends.unavailable_reason(OP, "triton", torch.device(device))
+    if reason:
+        pytest.skip(reason)
+    from fastsft.triton_kernels import flash_attention  # noqa: F401 (registers the ops)
+
+    # AOT autograd traces into a triton_op's body; Triton's CPU interpreter cannot run on traced tensors, so the
+    # AOT check runs only on a GPU.
+    tests = None if device == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
+    q, k, v, cu, m = _op_args(device)
+    fwd_args = (q, k, v, cu, m, 0.125, True, 5, 3.0)
+    opcheck(torch.ops.fastsft.flash_attn_varlen_fwd_triton.default, fwd_args, test_utils=tests)
+    out, lse = torch.ops.fastsft.flash_attn_varlen_fwd_triton(*fwd_args)
+    dout = torch.randn_like(out)
+    opcheck(torch.ops.fastsft.flash_attn_varlen_bwd_triton.default,
+            (dout, q, k, v, out, lse, cu, m, 0.125, True, 5, 3.0), test_utils=tests)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_traceable_by_torch_compile(device, backend):
+    if device == "cpu" and backend == "triton":
+        pytest.skip("Triton's CPU interpreter cannot run on traced tensors; the GPU run covers this case")
+    q, k, v, cu, m = _op_args(device)
+    expected = flash_attention_varlen(q, k, v, cu, m, backend=backend)
+
+    @torch.compile(backend="aot_eager", fullgraph=False)
+    def f(q, k, v, cu):
+        return flash_attention_varlen(q, k, v, cu, m, backend=backend)
+
+    torch._dynamo.reset()
+    assert_close(f(q, k, v, cu), expected, rtol=1e-6, name="compiled")
+
+
+# --- GPU: the sizes that matter ------------------------------------------------------------------------------
+
+def same_dtype_baseline(q, k, v, cu, *, causal=True, softmax_scale=None, window=None, softcap=None):
+    """What eager attention does in the input dtype: scores and P@V in that dtype, softmax in float32."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    outs = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs = q[s:e].transpose(0, 1)
+        ks = k[s:e].transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[s:e].transpose(0, 1).repeat_interleave(group, 0)
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        keep = ref.attention_mask(e - s, causal=causal, window=window, device=q.device)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        outs.append((probs @ vs).transpose(0, 1))
+    out = torch.cat(outs)
+    upstream = torch.linspace(-1.0, 1.0, out.numel(), dtype=torch.float64, device=out.device).view_as(out)
+    (out * upstream.to(out.dtype)).sum().backward()
+    return out, q.grad, k.grad, v.grad
+
+
+def check_gpu(q, k, v, cu, max_seqlen, *, factor=2.0, **kw):
+    got = run("triton", q, k, v, cu, max_seqlen, **kw)
+    want = reference_of(q, k, v, cu, max_seqlen, **kw)
+    base = same_dtype_baseline(q, k, v, cu, **kw)
+    for name, g, w, b in zip(("out", "dq", "dk", "dv"), got, want, base):
+        assert_close_to_baseline(g, w, b, factor=factor, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
+def test_gpu_packed_8k(dtype, d, poisoned):
+    lengths = random_lengths(8192, 100 + d, max_len=2000)
+    q, k, v, cu, m = make_inputs(lengths, 8, 2, d, dtype, "cuda")
+    check_gpu(q, k, v, cu, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hq,hkv", [(8, 8), (8, 1), (32, 8)])
+@pytest.mark.parametrize("opts", [{"window": 300}, {"softcap": 30.0}, {"softcap": 20.0, "window": 1000,
+                                                                       "softmax_scale": 0.05}],
+                         ids=["window", "softcap", "both"])
+def test_gpu_gqa_window_softcap_bf16(hq, hkv, opts, poisoned):
+    lengths = random_lengths(4096, 7, max_len=1500)
+    q, k, v, cu, m = make_inputs(lengths, hq, hkv, 128, torch.bfloat16, "cuda")
+    check_gpu(q, k, v, cu, m, **opts)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_dense_8k(d, poisoned):
+    q, k, v, cu, m = make_inputs([8192], 4, 1, d, torch.bfloat16, "cuda")
+    check_gpu(q, k, v, cu, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 96, 128, 256])
+def test_gpu_float32_and_odd_lengths(d, poisoned):
+    lengths = [1, 127, 129, 1, 1025, 97, 64, 63]
+    q, k, v, cu, m = make_inputs(lengths, 4, 2, d, torch.float32, "cuda")
+    check("triton", q, k, v, cu, m, rtol=1e-5, window=100)
+    check("triton", q, k, v, cu, m, rtol=1e-5, softcap=10.0)
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic_bf16():
+    q, k, v, cu, m = make_inputs(random_lengths(8192, 3, max_len=2000), 32, 8, 128, torch.bfloat16, "cuda")
+    first = run("triton", q, k, v, cu, m)
+    second = run("triton", q, k, v, cu, m)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
