@@ -152,17 +152,10 @@ def make_flex(q, k, v, cu, lengths):
 
 
 def make_varlen_attn(q, k, v, cu, lengths):
-    from torch.nn.attention.varlen import varlen_attn
+    from fastsft.transformers_attention import torch_varlen_call
 
     max_len = max(lengths)
-    group = q.shape[1] // k.shape[1]
-    try:  # newer torch: GQA and window_size=(-1, 0) for causal
-        varlen_attn(q[:1], k[:1], v[:1], cu[:2].clamp(max=1), cu[:2].clamp(max=1), 1, 1, window_size=(-1, 0),
-                    enable_gqa=True)
-        return lambda: varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), enable_gqa=True)
-    except TypeError:  # older torch (2.10/2.11): is_causal, no GQA
-        return lambda: varlen_attn(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), cu, cu,
-                                   max_len, max_len, is_causal=True)
+    return lambda: torch_varlen_call(q, k, v, cu, max_len)
 
 
 MAKERS = {"fastsft_triton": make_fastsft, "sdpa": make_sdpa, "flex": make_flex, "varlen_attn": make_varlen_attn}

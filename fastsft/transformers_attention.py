@@ -188,7 +188,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     v = value.transpose(1, 2).reshape(batch * q_len, value.shape[1], head_dim)
     cu = cu.to(device=query.device, dtype=torch.int32)
     if provider == "torch_varlen":
-        out = _torch_varlen_call(q, k, v, cu, int(max_len), scaling, window)
+        out = torch_varlen_call(q, k, v, cu, int(max_len), scaling, window)
     else:
         from fastsft.ops import flash_attention_varlen
 
@@ -197,18 +197,24 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return out.view(batch, q_len, q_heads, head_dim), None
 
 
-def _torch_varlen_call(q, k, v, cu, max_len, scaling, window):
+def torch_varlen_call(q, k, v, cu, max_len, scaling=None, window=None):
+    """torch's varlen attention, causal, on [total, H, D] tensors with GQA, across its signatures: newer torch
+    takes ``enable_gqa``; torch 2.11 has ``window_size`` and takes GQA natively (FlashAttention kernels)."""
+    import inspect
+
     varlen_attn = _torch_varlen()
+    params = inspect.signature(varlen_attn).parameters
     left = -1 if window is None else window - 1
-    try:
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(left, 0),
-                           enable_gqa=True)
-    except TypeError:  # older torch (2.11): is_causal and no GQA
-        group = q.shape[1] // k.shape[1]
-        if window is not None:
-            raise
-        return varlen_attn(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), cu, cu, max_len,
-                           max_len, is_causal=True, scale=scaling)
+    kwargs = {"scale": scaling}
+    if "window_size" in params:
+        kwargs["window_size"] = (left, 0)
+    elif window is not None:
+        raise NotImplementedError("this torch's varlen_attn has no sliding window")
+    else:
+        kwargs["is_causal"] = True
+    if "enable_gqa" in params:
+        kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
 def _sdpa_dense(query, key, value, scaling):

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)  # a kernel may read a global only as a constexpr
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 
 
