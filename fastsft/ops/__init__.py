@@ -1,6 +1,10 @@
 """fastsft's ops: each a documented function with ``backend="auto"`` (see :mod:`fastsft.backends`)."""
 
 from fastsft.ops.attention import flash_attention_varlen
+from fastsft.ops.gated_activation import geglu, swiglu
 from fastsft.ops.linear_cross_entropy import TokenStats, linear_cross_entropy
+from fastsft.ops.rms_norm import rms_norm
+from fastsft.ops.rope import rope
 
 __all__ = ["TokenStats", "flash_attention_varlen", "linear_cross_entropy"]
+__all__ += ["geglu", "rms_norm", "rope", "swiglu"]

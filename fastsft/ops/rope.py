@@ -1,0 +1,128 @@
+"""Rotary position embedding of Q and K in one launch, from the cos/sin the model computes.
+
+Taking the model's own per-token ``(cos, sin)`` (transformers' rotary embedding output) keeps every scaling
+scheme right (Llama-3, YaRN, dynamic NTK, ...) and handles packed rows whose positions restart: positions are
+already folded into cos/sin. The backward pass is the transposed rotation (by ``-sin`` when, as in every
+transformers model, the two halves of cos/sin are equal).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastsft import _extension, backends
+from fastsft.reference import rope as reference
+
+OP = "rope"
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, backend: str = "auto"):
+    """``(q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin)``, as transformers'
+    ``apply_rotary_pos_emb(q, k, cos, sin)`` (``unsqueeze_dim=1``), computed in float32.
+
+    Args:
+        q: [batch, heads, seq, head_dim]; k: [batch, kv_heads, seq, head_dim] (GQA: any kv_heads); both of one
+            floating dtype; views (e.g. after ``transpose(1, 2)``) are fine.
+        cos, sin: [batch or 1, seq, head_dim] (or [seq, head_dim]), per token; cast to q's dtype if they differ
+            (transformers already returns them in it). They receive no gradient.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"reference"`` (see :mod:`fastsft.backends`).
+
+    Returns new ``(q, k)`` in the input dtype.
+    """
+    _check(q, k, cos, sin)
+    if cos.dim() == 2:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    return backends.dispatch(OP, backend, q.device, q, k, cos, sin)
+
+
+def _check(q, k, cos, sin):
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rope: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"rope: {name} must be floating point, got {t.dtype}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"rope: q and k must share a dtype, got {q.dtype} and {k.dtype}")
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"rope: q and k must be [batch, heads, seq, head_dim], got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    B, _, S, D = q.shape
+    if k.shape[0] != B or k.shape[2] != S or k.shape[3] != D:
+        raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, seq and head_dim")
+    if D % 2:
+        raise ValueError(f"rope: head_dim must be even, got {D}")
+    if cos.shape != sin.shape:
+        raise ValueError(f"rope: cos and sin must have one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    ok = (cos.dim() == 2 and tuple(cos.shape) == (S, D)) or (
+        cos.dim() == 3 and cos.shape[0] in (1, B) and tuple(cos.shape[1:]) == (S, D))
+    if not ok:
+        raise ValueError(f"rope: cos and sin must be [{B} or 1, {S}, {D}] (batch, seq, head_dim), got "
+                         f"{tuple(cos.shape)}")
+    devices = {t.device for t in (q, k, cos, sin)}
+    if len(devices) > 1:
+        raise ValueError(f"rope: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+# --- backends --------------------------------------------------------------------------------------------------
+
+@backends.register(OP, "reference")
+def _reference_backend(q, k, cos, sin):
+    return reference.rope(q, k, cos, sin)
+
+
+def _triton_fn():
+    from fastsft.triton_kernels.rope import rope as kernel
+
+    return kernel
+
+
+def _compiled_fn():
+    return torch.ops.fastsft.rope
+
+
+@backends.register(OP, "triton", available=backends.triton_available)
+def _triton_backend(q, k, cos, sin):
+    # The Triton kernel reads strided q/k directly; only the head dim must be contiguous.
+    return _fast(_triton_fn(), q, k, cos, sin, strided_ok=True)
+
+
+@backends.register(OP, "cuda", available=backends.extension_available("rope"))
+def _cuda_backend(q, k, cos, sin):
+    return _fast(_compiled_fn(), q, k, cos, sin, strided_ok=False)
+
+
+def _fast(fn, q, k, cos, sin, *, strided_ok):
+    if q.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"rope: the fast backends take {_KERNEL_DTYPES}, got {q.dtype}; "
+                        "use backend='reference' for float64")
+    cos = cos.detach().to(q.dtype).contiguous()
+    sin = sin.detach().to(q.dtype).contiguous()
+    return _Rope.apply(q, k, cos, sin, fn, strided_ok)
+
+
+def _prepare(t, strided_ok):
+    return t if strided_ok and t.stride(-1) == 1 else t.contiguous()
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, fn, strided_ok):
+        ctx.save_for_backward(cos, sin)
+        ctx.fn, ctx.strided_ok = fn, strided_ok
+        return fn(_prepare(q, strided_ok), _prepare(k, strided_ok), cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        dq, dk = ctx.fn(_prepare(grad_q, ctx.strided_ok), _prepare(grad_k, ctx.strided_ok), cos, sin, True)
+        return dq, dk, None, None, None, None
+
+
+def rope_fake(q, k, cos, sin, inverse):
+    """Outputs are contiguous, in q's shape and dtype (shared by the compiled and the Triton op)."""
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+if _extension.load() and hasattr(torch.ops.fastsft, "rope"):  # an older build lacks it
+    torch.library.register_fake("fastsft::rope")(rope_fake)
