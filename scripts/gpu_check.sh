@@ -2,7 +2,8 @@
 # One GPU session in one command: install the wheels brought along, build the CUDA extension, run the tests
 # (GPU-marked ones included) and the benchmarks, writing logs and JSON into OUTDIR.
 #
-#   scripts/gpu_check.sh OUTDIR [STAGE ...]     stages: build test bench-lce bench-attention demo (default: all)
+#   scripts/gpu_check.sh OUTDIR [STAGE ...]
+#     stages: build test bench-lce bench-attention bench-norm demo (the default set), bench-sft-1b bench-sft-8b
 #
 # Fits one 10-minute call on an H100/H200 (build ~1-2 min with 16 cores). Bring the wheels that the GPU image
 # lacks in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Every stage runs even if an earlier one failed;
@@ -10,7 +11,7 @@
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUTDIR [STAGE ...]}
 shift
-stages=${*:-build test bench-lce bench-attention demo}
+stages=${*:-build test bench-lce bench-attention bench-norm demo}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -45,11 +46,15 @@ for s in $stages; do
     bench-lce) stage bench-lce python3 -m bench.bench_linear_cross_entropy --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
     bench-attention) stage bench-attention python3 -m bench.bench_attention --out "$out/attention.json" \
+             --write-table ${FASTSFT_BENCH_QUICK:+--quick} ;;
+    bench-norm) stage bench-norm python3 -m bench.bench_norm_rope_act --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
     demo) stage demo python3 -m fastsft demo --json "$out/demo.json" ;;
+    bench-sft-1b) stage bench-sft-1b python3 -m bench.bench_sft --model llama-1b --packing --batch 4 --out "$out" ;;
+    bench-sft-8b) stage bench-sft-8b python3 -m bench.bench_sft --model llama-8b --packing --batch 2 --out "$out" ;;
     *) echo "unknown stage $s" | tee -a "$summary"; status=2 ;;
   esac
 done
-cp fastsft/backend_table.json "$out/backend_table.json" 2>/dev/null
+cp fastsft/backend_table.json fastsft/attention_table.json "$out/" 2>/dev/null
 cat "$summary"
 exit $status
