@@ -60,6 +60,7 @@ setup(
     extras_require={
         "train": ["transformers>=5.17,<6", "peft>=0.21,<0.22", "trl==1.16.0", "datasets", "accelerate"],
         "test": ["pytest", "pytest-benchmark"],
+        "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["fastsft=fastsft.cli:main"]},
     ext_modules=ext_modules,

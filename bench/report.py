@@ -1,0 +1,212 @@
+"""Results report: every benchmark JSON under a folder into one CSV, plots and a generated RESULTS.md.
+
+    python -m bench.report [--results bench/results]          # CSV, plots, RESULTS.md (never edit it by hand)
+    python -m bench.report --compare OLD.json NEW.json [--threshold 0.05]
+
+``--compare`` matches rows of two runs of one benchmark by their configuration and provider and flags every
+metric that got worse by more than the threshold (slower times, lower throughput, more memory); it exits 1 when
+any did, so a regression is visible in a script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+# Numeric fields that describe the case rather than measure it.
+CONFIG_KEYS = {"tokens", "chunk", "head_dim", "hq", "hkv", "num_seqs", "batch", "max_length", "steps_timed", "rank",
+               "hidden", "intermediate", "rows", "cols", "seq"}
+# Measured fields and whether larger is better.
+HIGHER_IS_BETTER = {"tokens_per_s", "TFLOP/s", "GB/s", "fwd_tflops", "fwd_bwd_tflops", "gbps", "bandwidth_frac"}
+LOWER_IS_BETTER_HINTS = ("ms", "GiB", "bytes", "vs_floor", "_s")
+SKIP_METRICS = {"ms_p20", "ms_p80", "matmul_tflops", "floor_ms", "wall_s", "copy_GBps"}
+HEADLINE = {"file": "sft_llama-8b_packing.json", "provider": "fastsft", "tokens_per_s": 11_000, "peak_GiB": 16.0}
+
+
+def load(path: Path) -> tuple[dict, list[dict]]:
+    data = json.loads(path.read_text())
+    env = data.get("environment") or {"card": data.get("gpu"), "versions": {"torch": data.get("torch")},
+                                      "commit": data.get("commit")}
+    return env, data.get("rows", [])
+
+
+def split(row: dict) -> tuple[dict, dict]:
+    """(configuration, metrics) of a result row."""
+    config, metrics = {}, {}
+    for key, value in row.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or key in CONFIG_KEYS:
+            config[key] = value
+        elif key not in SKIP_METRICS:
+            metrics[key] = value
+    return config, metrics
+
+
+def _label(config: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("provider", "error", "first_losses"))
+
+
+def write_csv(results: dict[str, tuple[dict, list[dict]]], path: Path) -> int:
+    n = 0
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["benchmark", "card", "commit", "date", "torch", "triton", "transformers", "peft", "trl",
+                    "liger-kernel", "provider", "config", "metric", "value"])
+        for name, (env, rows) in sorted(results.items()):
+            v = env.get("versions", {})
+            for row in rows:
+                config, metrics = split(row)
+                for metric, value in metrics.items():
+                    w.writerow([name, env.get("card"), env.get("commit"), env.get("date"), v.get("torch"),
+                                v.get("triton"), v.get("transformers"), v.get("peft"), v.get("trl"),
+                                v.get("liger-kernel"), row.get("provider", row.get("part")), _label(config), metric,
+                                value])
+                    n += 1
+    return n
+
+
+def _main_metric(rows: list[dict]) -> str | None:
+    for metric in ("tokens_per_s", "fwd_bwd_ms", "ms"):
+        if any(metric in r for r in rows):
+            return metric
+    return None
+
+
+def plot(name: str, rows: list[dict], out_dir: Path) -> list[Path]:
+    """Grouped bars per case (x) and provider (colour) for the main time metric and for peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    key = "provider" if any("provider" in r for r in rows) else "part"
+    for metric in filter(None, [_main_metric(rows), "peak_extra_GiB", "peak_GiB"]):
+        measured = [r for r in rows if metric in r]
+        if not measured:
+            continue
+        cases = list(dict.fromkeys(_label({k: v for k, v in split(r)[0].items() if k != key}) for r in measured))
+        providers = list(dict.fromkeys(str(r.get(key)) for r in measured))
+        width = 0.8 / max(1, len(providers))
+        fig, ax = plt.subplots(figsize=(min(16, max(6, 0.6 * len(cases) * max(1, len(providers)))), 4))
+        for i, provider in enumerate(providers):
+            values = []
+            for case in cases:
+                match = [r[metric] for r in measured if str(r.get(key)) == provider
+                         and _label({k: v for k, v in split(r)[0].items() if k != key}) == case]
+                values.append(match[0] if match else 0.0)
+            ax.bar([x + i * width for x in range(len(cases))], values, width, label=provider)
+        ax.set_xticks([x + width * (len(providers) - 1) / 2 for x in range(len(cases))])
+        ax.set_xticklabels([c.replace(", ", "\n") for c in cases], fontsize=7)
+        ax.set_ylabel(metric)
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{name}_{metric.replace('/', '_')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def headline(results) -> list[str]:
+    entry = results.get(HEADLINE["file"].removesuffix(".json"))
+    lines = ["## Distance to the headline goal", "",
+             f"Goal: Llama-3.1-8B-shaped `fastsft.SFTTrainer` with packing at {HEADLINE['tokens_per_s']:,} tok/s or "
+             f"more on an H200 at no more than {HEADLINE['peak_GiB']:.0f} GiB peak.", ""]
+    if entry is None:
+        return lines + ["Not measured yet: no `" + HEADLINE["file"] + "` in this folder.", ""]
+    env, rows = entry
+    ours = [r for r in rows if r.get("provider") == HEADLINE["provider"] and "tokens_per_s" in r]
+    if not ours:
+        return lines + [f"The run on {env.get('card')} has no successful fastsft row.", ""]
+    r = ours[0]
+    lines.append(f"Measured on {env.get('card')} (commit {env.get('commit')}): {r['tokens_per_s']:,.0f} tok/s "
+                 f"({r['tokens_per_s'] / HEADLINE['tokens_per_s']:.0%} of the goal), peak {r.get('peak_GiB', 0):.1f} GiB.")
+    for other in rows:
+        if other is not r and "tokens_per_s" in other:
+            lines.append(f"- {other['provider']} in the same run: {other['tokens_per_s']:,.0f} tok/s, "
+                         f"peak {other.get('peak_GiB', 0):.1f} GiB")
+    return lines + [""]
+
+
+def report(results_dir: Path) -> Path:
+    results = {p.stem: load(p) for p in sorted(results_dir.glob("*.json"))}
+    plots_dir = results_dir / "plots"
+    plots_dir.mkdir(exist_ok=True)
+    n = write_csv(results, results_dir / "all_rows.csv")
+    lines = ["# Benchmark results", "",
+             "Generated by `python -m bench.report` from the JSON files beside it; do not edit by hand. Compare only "
+             "rows of one run (one card, one commit).", ""]
+    lines += headline(results)
+    for name, (env, rows) in results.items():
+        table = results_dir / f"{name}.md"
+        lines.append(f"## {name}")
+        lines.append("")
+        if table.exists():
+            lines += table.read_text().splitlines()[1:]  # without its own title
+        else:
+            lines.append(f"{env.get('card')}, commit {env.get('commit')}: {len(rows)} rows (see {name}.json)")
+        for path in plot(name, rows, plots_dir):
+            lines.append(f"![{path.stem}](plots/{path.name})")
+        lines.append("")
+    out = results_dir / "RESULTS.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"{out}: {len(results)} benchmarks, {n} CSV rows")
+    return out
+
+
+def _worse(metric: str, old: float, new: float, threshold: float) -> bool:
+    if old == 0:
+        return False
+    change = (new - old) / abs(old)
+    if metric in HIGHER_IS_BETTER:
+        return change < -threshold
+    if metric.endswith(LOWER_IS_BETTER_HINTS) or metric in ("ms", "fwd_ms", "fwd_bwd_ms"):
+        return change > threshold
+    return False
+
+
+def compare(old_path: Path, new_path: Path, threshold: float) -> list[str]:
+    """Regressions of ``new`` against ``old``, one line each."""
+    (_, old_rows), (new_env, new_rows) = load(old_path), load(new_path)
+
+    def key(row):
+        config, _ = split(row)
+        return json.dumps({k: v for k, v in config.items() if k != "error"}, sort_keys=True, default=str)
+
+    old = {key(r): r for r in old_rows}
+    found = []
+    for row in new_rows:
+        before = old.get(key(row))
+        if before is None:
+            continue
+        _, metrics = split(row)
+        for metric, value in metrics.items():
+            if metric in before and isinstance(before[metric], (int, float)) and _worse(metric, before[metric], value,
+                                                                                        threshold):
+                found.append(f"{_label(split(row)[0])} {row.get('provider', '')}: {metric} {before[metric]:.4g} -> "
+                             f"{value:.4g} ({(value - before[metric]) / abs(before[metric]):+.1%})")
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("OLD", "NEW"))
+    parser.add_argument("--threshold", type=float, default=0.05, help="relative change that counts (default 5%%)")
+    args = parser.parse_args(argv)
+    if args.compare:
+        regressions = compare(*args.compare, args.threshold)
+        for line in regressions:
+            print("REGRESSION", line)
+        print(f"{len(regressions)} regression(s) beyond {args.threshold:.0%}")
+        return 1 if regressions else 0
+    report(args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

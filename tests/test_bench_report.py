@@ -1,0 +1,46 @@
+"""bench.report: the generated CSV / RESULTS.md / plots, and --compare flagging regressions."""
+
+import json
+
+import pytest
+
+from bench import report
+
+pytest.importorskip("matplotlib")
+
+
+def write_run(path, rows, card="NVIDIA H200"):
+    path.write_text(json.dumps({"environment": {"card": card, "versions": {"torch": "2.11"}, "commit": "abc"},
+                                "rows": rows}))
+
+
+def test_report_writes_csv_results_and_plots(tmp_path):
+    write_run(tmp_path / "linear_cross_entropy.json",
+              [{"provider": "a", "tokens": 4096, "weight": "frozen", "ms": 10.0, "peak_extra_GiB": 0.2},
+               {"provider": "b", "tokens": 4096, "weight": "frozen", "ms": 12.0, "peak_extra_GiB": 3.0}])
+    write_run(tmp_path / "sft_llama-8b_packing.json",
+              [{"provider": "fastsft", "model": "llama-8b", "tokens_per_s": 5500.0, "peak_GiB": 15.0},
+               {"provider": "trl", "model": "llama-8b", "tokens_per_s": 4000.0, "peak_GiB": 17.9}])
+    out = report.report(tmp_path)
+    text = out.read_text()
+    assert "do not edit by hand" in text
+    assert "5,500 tok/s (50% of the goal)" in text
+    assert "trl in the same run: 4,000 tok/s" in text
+    rows = (tmp_path / "all_rows.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 + 4  # header, 2 metrics x 2 rows per file
+    assert (tmp_path / "plots" / "linear_cross_entropy_ms.png").stat().st_size > 1000
+
+
+def test_compare_flags_only_regressions(tmp_path):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    base = {"tokens": 16384, "weight": "frozen"}
+    write_run(old, [base | {"provider": "fast", "ms": 50.0}, base | {"provider": "slow", "ms": 50.0},
+                    {"provider": "fastsft", "model": "1b", "tokens_per_s": 1000.0}])
+    write_run(new, [base | {"provider": "fast", "ms": 40.0}, base | {"provider": "slow", "ms": 60.0},
+                    {"provider": "fastsft", "model": "1b", "tokens_per_s": 900.0}])
+    found = report.compare(old, new, threshold=0.05)
+    assert len(found) == 2
+    assert any("slow" in line and "ms 50 -> 60" in line for line in found)
+    assert any("tokens_per_s" in line for line in found)
+    assert report.main(["--compare", str(old), str(new)]) == 1
+    assert report.main(["--compare", str(old), str(old)]) == 0
