@@ -1,0 +1,55 @@
+"""The ``fastsft`` command line: ``train``, ``check`` and ``demo`` (see ``fastsft <command> --help``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastsft", description="Kernel-first LoRA/QLoRA supervised fine-tuning")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="run the SFT recipe from a YAML config and/or flags")
+    train.add_argument("config", nargs="?", help="YAML file of settings (flags override it)")
+    train.add_argument("--model", help="model directory or hub id")
+    train.add_argument("--dataset", help="JSON/JSONL dataset file")
+    train.add_argument("--output-dir", dest="output_dir")
+    train.add_argument("--max-steps", dest="max_steps", type=int)
+    train.add_argument("--learning-rate", dest="learning_rate", type=float)
+    train.add_argument("--batch-size", dest="per_device_train_batch_size", type=int)
+    train.add_argument("--gradient-accumulation-steps", dest="gradient_accumulation_steps", type=int)
+    train.add_argument("--max-seq-length", dest="max_seq_length", type=int)
+    train.add_argument("--dtype")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--load-in-4bit", dest="load_in_4bit", action="store_true")
+    train.add_argument("--no-patch", dest="no_patch", action="store_true", help="train with stock TRL behaviour")
+
+    check = commands.add_parser("check", help="run every op against its reference on this machine")
+    check.add_argument("--strict", action="store_true", help="also fail for ops that have no check case")
+
+    demo = commands.add_parser("demo", help="train the built-in model patched and unpatched, compare")
+    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    demo.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    demo.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the whole model")
+    demo.add_argument("--output-dir", dest="output_dir", help="keep the runs' outputs here (default: temporary)")
+    demo.add_argument("--json", help="write losses, timings and peak memory to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "check":
+        from fastsft.commands import check as command
+    elif args.command == "demo":
+        from fastsft.commands import demo as command
+    else:
+        from fastsft.commands import train as command
+    return command.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
