@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import fastsft
 from fastsft.demo_assets import demo_dataset, demo_model, demo_tokenizer
-from tests.helpers import assert_close
+from helpers import assert_close
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
@@ -21,7 +21,7 @@ def _offline(monkeypatch):
 
 
 def train(trainer_class, tmp_path, *, steps=20, batch_size=4, accumulation=1, model=None, dataset=None,
-          lora=True, train=True, **config):
+          lora=True, train=True, lora_init=True, **config):
     config = {"learning_rate": 1e-3, "max_length": 128, **config}
     args = trl.SFTConfig(output_dir=str(tmp_path / trainer_class.__module__), max_steps=steps,
                          per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
@@ -30,7 +30,8 @@ def train(trainer_class, tmp_path, *, steps=20, batch_size=4, accumulation=1, mo
     trainer = trainer_class(model=model if model is not None else demo_model(**SMALL), args=args,
                             train_dataset=dataset if dataset is not None else demo_dataset(80),
                             processing_class=demo_tokenizer(),
-                            peft_config=LoraConfig(r=8, target_modules="all-linear") if lora else None)
+                            peft_config=LoraConfig(r=8, target_modules="all-linear", init_lora_weights=lora_init)
+                            if lora else None)
     if train:
         trainer.train()
     return trainer
@@ -49,18 +50,14 @@ def adapter_weights(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
 
 
-def assert_adapters_close(actual: dict, expected: dict):
-    """The whole adapter within 5e-4 (norm-wise), each tensor within 5e-3.
-
-    KNOWN GAP: issue 3 asks for 1e-4. Measured after 20 SGD steps: fastsft vs TRL 2.2e-4 on the whole adapter;
-    the float32 noise floor, two fastsft runs that differ only in batching (accumulation 4 x 1 vs 1 x 4),
-    is already 1.2e-4. lora_B starts at zero and stays ~1e-4 in size here; its gradient is a sum of cancelling
-    per-token terms, so rounding moves it by ~3e-3 relative."""
-    assert actual.keys() == expected.keys() and actual
+def assert_adapters_close(actual: dict, expected: dict, initial: dict, rtol: float = 1e-4):
+    """The whole adapter within ``rtol`` (norm-wise, the issue's 1e-4), and the weights must have moved by far
+    more than that, so the comparison says something about the updates."""
+    assert actual.keys() == expected.keys() == initial.keys() and actual
     flat = lambda weights: torch.cat([weights[name].flatten() for name in sorted(weights)])  # noqa: E731
-    assert_close(flat(actual), flat(expected), rtol=5e-4, name="adapter")
-    for name, weight in actual.items():
-        assert_close(weight, expected[name], rtol=5e-3, name=name)
+    moved = (flat(expected) - flat(initial)).norm() / flat(initial).norm()
+    assert moved > 100 * rtol, f"the adapter barely moved ({moved:.3g}): the comparison would be vacuous"
+    assert_close(flat(actual), flat(expected), rtol=rtol, name="adapter")
 
 
 def assert_fastsft_head_in_place(trainer):
@@ -70,14 +67,20 @@ def assert_fastsft_head_in_place(trainer):
 
 # Plain SGD for the runs whose weights are compared: its update is linear in the gradient, so the weights test the
 # gradients. (Adam's first updates are ±lr whatever the gradient's size, so float32 rounding in a near-zero
-# gradient of a zero-initialized lora_B flips whole updates: ~1e-2 relative weight differences after 20 steps
-# between any two correct implementations.)
+# gradient flips whole updates: ~1e-2 relative weight differences after 20 steps between any two correct
+# implementations.)
 SGD = {"optim": "sgd", "learning_rate": 0.5}
+# For the weight comparison, B starts non-zero ("gaussian"): with PEFT's default B = 0 the first gradients of B are
+# sums of cancelling per-token terms, so summation order alone moves them by ~0.2-0.5% (measured: stock TRL on 1 vs
+# 2 CPU threads, 1.6e-3 in the first gradient), and no two implementations could agree to 1e-4. Here they do:
+# fastsft vs TRL 4.7e-5 after 20 steps while the adapter moves by 3.4%.
+SGD_WEIGHTS = {"optim": "sgd", "learning_rate": 0.1, "lora_init": "gaussian"}
 
 
 def test_parity_with_trl_20_steps(tmp_path):
-    ours = train(fastsft.SFTTrainer, tmp_path, **SGD)
-    stock = train(trl.SFTTrainer, tmp_path, **SGD)
+    ours = train(fastsft.SFTTrainer, tmp_path, **SGD_WEIGHTS)
+    stock = train(trl.SFTTrainer, tmp_path, **SGD_WEIGHTS)
+    initial = adapter_weights(train(trl.SFTTrainer, tmp_path, train=False, **SGD_WEIGHTS))
     assert_fastsft_head_in_place(ours)
     losses, expected = step_logs(ours, "loss"), step_logs(stock, "loss")
     assert len(losses) == len(expected) == 20
@@ -90,16 +93,17 @@ def test_parity_with_trl_20_steps(tmp_path):
         assert abs(a - b) <= 1.0 / tokens + 1e-6, f"step {step}: token accuracy {a} vs {b} ({tokens} labels)"
     assert step_logs(ours, "entropy") == pytest.approx(step_logs(stock, "entropy"), rel=1e-4)
     assert step_logs(ours, "num_tokens") == step_logs(stock, "num_tokens")
-    assert_adapters_close(adapter_weights(ours), adapter_weights(stock))
+    assert_adapters_close(adapter_weights(ours), adapter_weights(stock), initial)
     assert losses[-1] < losses[0]  # it trained
 
 
 def test_gradient_accumulation_matches_larger_batch(tmp_path):
-    accumulated = train(fastsft.SFTTrainer, tmp_path / "ga", steps=6, batch_size=1, accumulation=4, **SGD)
-    full = train(fastsft.SFTTrainer, tmp_path / "full", steps=6, batch_size=4, **SGD)
+    accumulated = train(fastsft.SFTTrainer, tmp_path / "ga", steps=6, batch_size=1, accumulation=4, **SGD_WEIGHTS)
+    full = train(fastsft.SFTTrainer, tmp_path / "full", steps=6, batch_size=4, **SGD_WEIGHTS)
+    initial = adapter_weights(train(fastsft.SFTTrainer, tmp_path / "init", train=False, **SGD_WEIGHTS))
     for step, (a, b) in enumerate(zip(step_logs(accumulated, "loss"), step_logs(full, "loss")), start=1):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: accumulated loss {a} vs batch-4 loss {b}"
-    assert_adapters_close(adapter_weights(accumulated), adapter_weights(full))
+    assert_adapters_close(adapter_weights(accumulated), adapter_weights(full), initial, rtol=1e-4)
 
 
 @pytest.mark.parametrize("config", [
