@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "cross_entropy/cross_entropy.h"
+#include "nf4/nf4.h"
 #include "rms_norm/rms_norm.h"
 #include "rope/rope.h"
 
@@ -14,6 +15,9 @@ TORCH_LIBRARY(fastsft, m) {
   m.def(
       "rms_norm_backward(Tensor grad_y, Tensor? grad_sum, Tensor s, Tensor weight, Tensor rstd, float offset, "
       "bool compute_weight_grad) -> (Tensor, Tensor)");
+  m.def(
+      "dequantize_nf4(Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, Tensor? nested_code, "
+      "int blocksize, int nested_blocksize, float offset, Tensor(a!) out) -> ()");
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)");
 }
 
@@ -21,5 +25,6 @@ TORCH_LIBRARY_IMPL(fastsft, CPU, m) {
   m.impl("cross_entropy_rows", &fastsft::cross_entropy_rows_cpu);
   m.impl("rms_norm_forward", &fastsft::rms_norm_forward_cpu);
   m.impl("rms_norm_backward", &fastsft::rms_norm_backward_cpu);
+  m.impl("dequantize_nf4", &fastsft::dequantize_nf4_cpu);
   m.impl("rope", &fastsft::rope_cpu);
 }

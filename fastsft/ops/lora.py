@@ -1,0 +1,409 @@
+"""LoRA projections with a custom backward: one linear, the fused QKV and the gated MLP; and PEFT's layers routed
+through them.
+
+A projection is ``x @ W.T + scaling * (x @ A.T) @ B.T`` with a frozen base weight ``W`` [out, in] (no gradient) and
+an adapter ``A`` [r, in], ``B`` [out, r]. The fast backend (``triton``) is one ``torch.autograd.Function`` per call
+that saves the input ``x`` and the small ``x @ A.T`` [tokens, r] only — never a [tokens, out] intermediate — and
+orders the rank-r products so that each large GEMM runs once and the adapter adds into the base GEMM's output in
+place (``addmm_``): forward ``out = x @ W.T; out += s * (x @ A.T) @ B.T``; backward ``dX = dY @ W;
+dX += (s * dY @ B) @ A``, ``dA = (s * dY @ B).T @ x``, ``dB = dY.T @ (s * x @ A.T)``. The GEMMs are cuBLAS's;
+the QKV concatenates the three ``A`` so ``x`` is read once for the down-projections and accumulates ``dX`` of the
+three heads in one buffer. The MLP saves ``x`` and the rank-r products only and recomputes the gate and up
+projections in backward; its activation (SwiGLU, GeGLU) runs in place in a Triton kernel
+(``triton_kernels/lora.py``), forward and backward, so no extra [tokens, intermediate] buffer is allocated.
+For ``lora_linear`` and ``lora_qkv`` the ``triton`` backend is cuBLAS GEMMs only (no Triton kernel pays there:
+``addmm_`` already fuses the scaling and the add); it shares the backend name because the three functions are one
+op, ``lora``, for backend choice (``FASTSFT_BACKEND_LORA``).
+
+Base weights may be 4-bit: pass, instead of a tensor, an object whose ``dequantize()`` returns the dense weight
+(e.g. :class:`Bnb4bitWeight`). It is dequantized into a temporary in forward and again in backward, never kept.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastsft import backends
+from fastsft.reference import lora as reference
+
+OP = "lora"
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MLP_ACTIVATIONS = dict(reference.ACTIVATIONS)  # "swiglu" -> "silu", "geglu" -> "gelu", "geglu_tanh" -> "gelu_tanh"
+
+
+# --- public functions ----------------------------------------------------------------------------------------
+
+def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
+                backend: str = "auto") -> torch.Tensor:
+    """``x @ W.T + scaling * (x @ A.T) @ B.T``.
+
+    Args:
+        x: [..., in], float16/bfloat16/float32 (float64 too).
+        weight: the frozen base weight [out, in] in ``x``'s dtype (``requires_grad=False``), or an object with
+            ``dequantize()`` returning it (a 4-bit base; the result is cast to ``x``'s dtype).
+        lora_a: [r, in], lora_b: [out, r], in ``x``'s dtype. Their gradients are computed when they require grad.
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns [..., out] in ``x``'s dtype.
+    """
+    _check_input("lora_linear", x, scaling)
+    _check_projection("lora_linear", "", x, weight, lora_a, lora_b)
+    x2 = x.reshape(-1, x.shape[-1])
+    (out,) = backends.dispatch(OP, backend, x.device, "projections", x2, ((weight, lora_a, lora_b),),
+                               float(scaling), None)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, scaling: float, *, backend: str = "auto"):
+    """The query, key and value projections of one input, each ``(W, A, B)`` as in :func:`lora_linear`.
+
+    Returns ``(q, k, v)``, each [..., out_i] in ``x``'s dtype. ``x`` is read once for the three adapters' down
+    projections, and the backward pass accumulates the input gradient of the three in one buffer.
+    """
+    _check_input("lora_qkv", x, scaling)
+    for name, p in zip("qkv", (q, k, v)):
+        _check_projection("lora_qkv", name, x, *_triple("lora_qkv", name, p))
+    x2 = x.reshape(-1, x.shape[-1])
+    outs = backends.dispatch(OP, backend, x.device, "projections", x2, (tuple(q), tuple(k), tuple(v)),
+                             float(scaling), None)
+    return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
+
+
+def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, scaling: float, activation: str = "swiglu", *,
+             backend: str = "auto") -> torch.Tensor:
+    """The gated MLP ``down(act(gate(x)) * up(x))`` with LoRA on all three projections, each ``(W, A, B)``.
+
+    ``activation``: ``"swiglu"`` (Llama, Mistral, Qwen), ``"geglu"`` (exact gelu) or ``"geglu_tanh"`` (Gemma).
+    The ``triton`` backend saves ``x`` and the rank-r products only (memory per token ~ hidden + 3 r, not
+    intermediate) and recomputes the gate and up projections in backward. Returns [..., hidden] in ``x``'s dtype.
+    """
+    _check_input("lora_mlp", x, scaling)
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"lora_mlp: activation must be one of {tuple(MLP_ACTIVATIONS)}, got {activation!r}")
+    parts = [_triple("lora_mlp", name, p) for name, p in (("gate", gate), ("up", up), ("down", down))]
+    _check_projection("lora_mlp", "gate", x, *parts[0])
+    _check_projection("lora_mlp", "up", x, *parts[1])
+    inter = parts[0][2].shape[0]
+    if parts[1][2].shape[0] != inter:
+        raise ValueError(f"lora_mlp: gate and up must have one output size, got {inter} and "
+                         f"{parts[1][2].shape[0]}")
+    _check_projection("lora_mlp", "down", x.new_empty((0, inter)), *parts[2])
+    if parts[2][2].shape[0] != x.shape[-1]:
+        raise ValueError(f"lora_mlp: down must project back to {x.shape[-1]}, got {parts[2][2].shape[0]}")
+    x2 = x.reshape(-1, x.shape[-1])
+    out = backends.dispatch(OP, backend, x.device, "mlp", x2, tuple(parts), float(scaling), activation)
+    return out.reshape(x.shape)
+
+
+# --- input checks ---------------------------------------------------------------------------------------------
+
+def _triple(fn, name, p):
+    if not isinstance(p, (tuple, list)) or len(p) != 3:
+        raise TypeError(f"{fn}: {name} must be a (weight, lora_a, lora_b) triple")
+    return tuple(p)
+
+
+def _check_input(fn, x, scaling):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: x must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dim() < 1:
+        raise TypeError(f"{fn}: x must be a floating tensor [..., in], got {x.dtype} of shape {tuple(x.shape)}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+        raise ValueError(f"{fn}: scaling must be a finite number, got {scaling!r}")
+
+
+def _check_projection(fn, name, x, weight, lora_a, lora_b):
+    label = f"{name} " if name else ""
+    for arg, t in (("lora_a", lora_a), ("lora_b", lora_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: {label}{arg} must be a tensor, got {type(t).__name__}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{fn}: {label}{arg} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{fn}: {label}{arg} is on {t.device}, x on {x.device}")
+    if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != x.shape[-1] or lora_b.shape[1] != lora_a.shape[0]:
+        raise ValueError(f"{fn}: expected {label}lora_a [r, {x.shape[-1]}] and lora_b [out, r], got "
+                         f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}")
+    if lora_a.shape[0] < 1:
+        raise ValueError(f"{fn}: {label}rank must be at least 1, got {lora_a.shape[0]}")
+    if isinstance(weight, torch.Tensor):
+        if weight.dtype != x.dtype:
+            raise TypeError(f"{fn}: {label}weight must have x's dtype {x.dtype}, got {weight.dtype}")
+        if weight.device != x.device:
+            raise ValueError(f"{fn}: {label}weight is on {weight.device}, x on {x.device}")
+        if tuple(weight.shape) != (lora_b.shape[0], x.shape[-1]):
+            raise ValueError(f"{fn}: expected {label}weight [{lora_b.shape[0]}, {x.shape[-1]}], got "
+                             f"{tuple(weight.shape)}")
+        if weight.requires_grad:
+            raise ValueError(f"{fn}: the {label}base weight must be frozen (requires_grad=False); LoRA trains "
+                             "only the adapters")
+    elif not callable(getattr(weight, "dequantize", None)):
+        raise TypeError(f"{fn}: {label}weight must be a tensor or have a dequantize() method, got "
+                        f"{type(weight).__name__}")
+
+
+def _dense(weight, obj, like: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The saved dense weight, or a fresh dequantized temporary in ``like``'s dtype and device."""
+    if weight is not None:
+        return weight
+    w = obj.dequantize()
+    if tuple(w.shape) != (out_features, in_features):
+        raise ValueError(f"lora: dequantize() returned {tuple(w.shape)}, expected [{out_features}, "
+                         f"{in_features}]")
+    return w.to(device=like.device, dtype=like.dtype)
+
+
+# --- reference backend ---------------------------------------------------------------------------------------
+
+@backends.register(OP, "reference")
+def _reference_backend(kind, x, projections, scaling, activation):
+    if kind == "mlp":
+        return reference.lora_mlp(x, *projections, scaling, activation)
+    if len(projections) == 1:
+        return (reference.lora_linear(x, *projections[0], scaling),)
+    return reference.lora_qkv(x, *projections, scaling)
+
+
+# --- fast backend: cuBLAS GEMMs, the MLP's activation in Triton -----------------------------------------------
+
+@backends.register(OP, "triton", available=backends.triton_available)
+def _triton_backend(kind, x, projections, scaling, activation):
+    tensors, objs = [], []
+    for w, a, b in projections:
+        dense = isinstance(w, torch.Tensor)
+        tensors += [w if dense else None, a, b]
+        objs.append(None if dense else w)
+    if kind == "mlp":
+        if x.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"lora_mlp: the triton backend takes {_KERNEL_DTYPES}, got {x.dtype}; "
+                            "use backend='reference' for float64")
+        from fastsft.triton_kernels import lora as kernels
+
+        return _LoraMlp.apply(x, scaling, MLP_ACTIVATIONS[activation], tuple(objs), kernels, *tensors)
+    return _LoraProjections.apply(x, scaling, tuple(objs), *tensors)
+
+
+def _split(t: torch.Tensor, sizes):
+    """Column blocks of ``t`` [T, sum(sizes)]."""
+    return torch.split(t, list(sizes), dim=1)
+
+
+class _LoraProjections(torch.autograd.Function):
+    """N LoRA projections of one input (N=1: lora_linear, N=3: lora_qkv). Saves x and x @ A_cat.T only."""
+
+    @staticmethod
+    def forward(ctx, x, scaling, objs, *tensors):
+        ws, as_, bs = tensors[0::3], tensors[1::3], tensors[2::3]
+        ranks = [a.shape[0] for a in as_]
+        a_cat = as_[0] if len(as_) == 1 else torch.cat(as_)
+        xa = x @ a_cat.T  # [T, sum r]: x is read once for every adapter
+        outs = []
+        for w, obj, xa_i, b in zip(ws, objs, _split(xa, ranks), bs):
+            out = x @ _dense(w, obj, x, b.shape[0], x.shape[1]).T  # a dequantized temporary dies here
+            out.addmm_(xa_i, b.T, alpha=scaling)
+            outs.append(out)
+        ctx.save_for_backward(x, xa, *tensors)
+        ctx.scaling, ctx.objs, ctx.ranks = scaling, objs, ranks
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, xa, *tensors = ctx.saved_tensors
+        ws, as_, bs = tensors[0::3], tensors[1::3], tensors[2::3]
+        s, ranks = ctx.scaling, ctx.ranks
+        need_x = ctx.needs_input_grad[0]
+        live = [i for i, g in enumerate(grads) if g is not None]
+        if not live:
+            return (None,) * (3 + len(tensors))
+        # s * dY_i @ B_i for each head, side by side [T, sum r]; zero for a head whose output got no gradient
+        dyb = x.new_zeros(x.shape[0], sum(ranks)) if len(live) < len(grads) else None
+        parts = []
+        for i, g in enumerate(grads):
+            if g is not None:
+                part = (g @ bs[i]).mul_(s)
+                if dyb is not None:
+                    dyb[:, sum(ranks[:i]):sum(ranks[:i + 1])] = part
+                parts.append(part)
+        if dyb is None:
+            dyb = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        dx = None
+        if need_x:
+            for i in live:  # dX of all heads in one buffer
+                w = _dense(ws[i], ctx.objs[i], x, bs[i].shape[0], x.shape[1])
+                if dx is None:
+                    dx = grads[i] @ w
+                else:
+                    dx.addmm_(grads[i], w)
+                del w
+            a_cat = as_[0] if len(as_) == 1 else torch.cat(as_)
+            dx.addmm_(dyb, a_cat)
+        da_cat = dyb.T @ x if any(ctx.needs_input_grad[4::3]) else None
+        da = torch.split(da_cat, ranks, dim=0) if da_cat is not None else [None] * len(ranks)
+        out = [dx, None, None]
+        xa_parts = _split(xa, ranks)
+        for i in range(len(grads)):
+            need_a, need_b = ctx.needs_input_grad[3 + 3 * i + 1], ctx.needs_input_grad[3 + 3 * i + 2]
+            db = None
+            if need_b and grads[i] is not None:
+                db = grads[i].T @ (xa_parts[i] * s)
+            elif need_b:
+                db = torch.zeros_like(bs[i])
+            out += [None, da[i] if need_a else None, db]
+        return tuple(out)
+
+
+class _LoraMlp(torch.autograd.Function):
+    """``down(act(gate(x)) * up(x))`` with adapters; saves x, x @ [A_g; A_u].T and h @ A_d.T only."""
+
+    @staticmethod
+    def forward(ctx, x, scaling, activation, objs, kernels, wg, ag, bg, wu, au, bu, wd, ad, bd):
+        rg = ag.shape[0]
+        inter = bg.shape[0]
+        agu = torch.cat((ag, au))
+        xa = x @ agu.T  # [T, rg + ru]
+        g = _project(x, _dense(wg, objs[0], x, inter, x.shape[1]), xa[:, :rg], bg, scaling)
+        u = _project(x, _dense(wu, objs[1], x, inter, x.shape[1]), xa[:, rg:], bu, scaling)
+        kernels.lora_gated_forward(g, u, activation)  # g <- act(g) * u, in place
+        del u
+        h = g
+        ha = h @ ad.T  # [T, rd]
+        y = h @ _dense(wd, objs[2], h, x.shape[1], inter).T
+        y.addmm_(ha, bd.T, alpha=scaling)
+        ctx.save_for_backward(x, xa, ha, wg, ag, bg, wu, au, bu, wd, ad, bd)
+        ctx.scaling, ctx.activation, ctx.objs, ctx.kernels = scaling, activation, objs, kernels
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, ha, wg, ag, bg, wu, au, bu, wd, ad, bd = ctx.saved_tensors
+        s, objs = ctx.scaling, ctx.objs
+        rg, inter = ag.shape[0], bg.shape[0]
+        need = ctx.needs_input_grad
+        dyb = (dy @ bd).mul_(s)  # [T, rd]
+        # d h = dY @ W_d + (s dY @ B_d) @ A_d
+        dh = dy @ _dense(wd, objs[2], dy, x.shape[1], inter)
+        dh.addmm_(dyb, ad)
+        # dequantized (4-bit) weights live from here to dX: each is dequantized once in backward
+        wg, wu = _dense(wg, objs[0], x, inter, x.shape[1]), _dense(wu, objs[1], x, inter, x.shape[1])
+        g = _project(x, wg, xa[:, :rg], bg, s)  # recomputed, not saved
+        u = _project(x, wu, xa[:, rg:], bu, s)
+        ctx.kernels.lora_gated_backward(dh, g, u, ctx.activation)  # g <- dg, u <- du, dh <- h
+        h, dg, du = dh, g, u
+        dad = dyb.T @ h if need[12] else None
+        dbd = dy.T @ (ha * s) if need[13] else None
+        del h, dh
+        dgub = torch.cat(((dg @ bg), (du @ bu)), dim=1).mul_(s)  # [T, rg + ru]
+        dx = None
+        if need[0]:
+            dx = dg @ wg
+            dx.addmm_(du, wu)
+            dx.addmm_(dgub, torch.cat((ag, au)))
+        da = dgub.T @ x if (need[6] or need[9]) else None
+        xag, xau = xa[:, :rg], xa[:, rg:]
+        dbg = dg.T @ (xag * s) if need[7] else None
+        dbu = du.T @ (xau * s) if need[10] else None
+        dag = da[:rg] if need[6] else None
+        dau = da[rg:] if need[9] else None
+        return dx, None, None, None, None, None, dag, dbg, None, dau, dbu, None, dad, dbd
+
+
+def _project(x, w, xa, b, scaling):
+    """``x @ W.T + scaling * xa @ B.T``, the adapter added in place into the base GEMM's output."""
+    out = x @ w.T
+    out.addmm_(xa, b.T, alpha=scaling)
+    return out
+
+
+# --- PEFT integration -----------------------------------------------------------------------------------------
+
+class Bnb4bitWeight:
+    """A bitsandbytes 4-bit (NF4/FP4) ``Params4bit`` seen as a base weight: ``dequantize()`` gives the dense
+    [out, in] weight in the quantization state's dtype, a fresh temporary each call."""
+
+    def __init__(self, param):
+        self.param = param
+
+    @property
+    def shape(self):
+        return tuple(self.param.quant_state.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(self.param.data, self.param.quant_state)
+
+
+def _is_4bit(base) -> bool:
+    return type(base).__name__ == "Linear4bit" and getattr(base.weight, "quant_state", None) is not None
+
+
+def lora_eligibility(module) -> str | None:
+    """None when ``module`` (a PEFT LoRA ``Linear``, or its bitsandbytes ``Linear4bit``) can run through
+    :func:`lora_linear` exactly as PEFT computes it; otherwise the reason it cannot."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return "peft is not installed"
+    if not isinstance(module, LoraLayer) or type(module).__name__ not in ("Linear", "Linear4bit"):
+        return f"{type(module).__name__} is not a PEFT LoRA Linear layer"
+    if module.disable_adapters:
+        return "adapters are disabled"
+    if module.merged:
+        return "adapters are merged into the base weight"
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if len(active) != 1:
+        return f"{len(active)} active adapters (the fused path takes exactly one)"
+    name = active[0]
+    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
+        return f"adapter {name!r} is a LoRA variant (DoRA or other), not vanilla LoRA"
+    dropout = module.lora_dropout[name]
+    if not (isinstance(dropout, torch.nn.Identity) or (isinstance(dropout, torch.nn.Dropout) and dropout.p == 0)):
+        return f"adapter {name!r} has dropout {getattr(dropout, 'p', dropout)}"
+    if module.lora_B[name].bias is not None or getattr(module, "lora_bias", {}).get(name, False):
+        return f"adapter {name!r} has a bias on lora_B"
+    if getattr(module, "fan_in_fan_out", False):
+        return "the base weight is stored [in, out] (fan_in_fan_out)"
+    base = module.get_base_layer()
+    if getattr(base, "bias", None) is not None:
+        return "the base layer has a bias"
+    if not _is_4bit(base):
+        if not isinstance(base, torch.nn.Linear):
+            return f"base layer {type(base).__name__} is not nn.Linear or a bitsandbytes Linear4bit"
+        if not base.weight.is_floating_point():
+            return f"base weight dtype {base.weight.dtype} is not floating (8-bit layers are not fused)"
+        if base.weight.requires_grad:
+            return "the base weight requires grad (not frozen)"
+    return None
+
+
+def lora_parts(module, dtype: torch.dtype):
+    """``((W, A, B), scaling)`` of an eligible PEFT LoRA layer for inputs of ``dtype``, or None with the layer
+    not eligible or its dense base weight of another dtype. ``W`` is the base weight tensor or a
+    :class:`Bnb4bitWeight`; ``A`` and ``B`` are cast to ``dtype`` (a differentiable cast: float32 adapters with a
+    bfloat16 base get float32 gradients)."""
+    if lora_eligibility(module) is not None:
+        return None
+    name = [a for a in module.active_adapters if a in module.lora_A][0]
+    base = module.get_base_layer()
+    weight = Bnb4bitWeight(base.weight) if _is_4bit(base) else base.weight
+    if isinstance(weight, torch.Tensor) and weight.dtype != dtype:
+        return None
+    a, b = module.lora_A[name].weight, module.lora_B[name].weight
+    return (weight, a.to(dtype), b.to(dtype)), float(module.scaling[name])
+
+
+def fused_lora_forward(module, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor | None:
+    """PEFT LoRA ``module``'s forward of ``x`` through :func:`lora_linear`, or None when it is not eligible (see
+    :func:`lora_eligibility`; also when ``x`` is not floating or the base weight has another dtype) so that the
+    caller falls back to ``module(x)`` unchanged. Adapters' scaling (``alpha / r``, rsLoRA's ``alpha / sqrt(r)``)
+    is read from ``module.scaling``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    parts = lora_parts(module, x.dtype)
+    if parts is None:
+        return None
+    (weight, a, b), scaling = parts
+    return lora_linear(x, weight, a, b, scaling, backend=backend)
