@@ -15,6 +15,7 @@ import torch
 
 from fastsft import backends
 from fastsft.ops.linear_cross_entropy import OP as LINEAR_CROSS_ENTROPY
+from fastsft.patching import modules
 from fastsft.patching.families import FAMILIES, KERNELS
 from fastsft.patching.lm_head import STATE_ATTR, PatchState, make_forward
 from fastsft.patching.report import PatchReport
@@ -42,8 +43,14 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+MODULES_ATTR = "_fastsft_module_patches"  # instance attribute: (switches, backend, [undo, ...])
+
+
 def is_patched(model) -> bool:
-    return STATE_ATTR in causal_lm_of(model).__dict__
+    """Whether any fastsft kernel is installed on the model now."""
+    causal_lm = causal_lm_of(model)
+    record = causal_lm.__dict__.get(MODULES_ATTR)
+    return STATE_ATTR in causal_lm.__dict__ or bool(record and record[2])
 
 
 def is_supported(model) -> bool:
@@ -51,7 +58,8 @@ def is_supported(model) -> bool:
 
 
 def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rms_norm: bool = True,
-          rope: bool = True, lora: bool = True, backend: str = "auto") -> PatchReport:
+          lora: bool = True, gated_activation: bool = True, rope: bool = True,
+          backend: str = "auto") -> PatchReport:
     """Patch ``model`` (a transformers causal LM, plain or PEFT-wrapped) in place with every available kernel.
 
     Each keyword turns one kernel off when False. ``backend`` is passed to the ops (``"auto"``, ``"cuda"``,
@@ -59,10 +67,13 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
     ``fastsft.backends.BackendUnavailable`` before anything is changed. Patching a patched model re-patches it
     with the new switches. An architecture missing from ``fastsft.patching.families.FAMILIES`` is left
     unpatched with a warning. Returns a :class:`PatchReport`.
+
+    LoRA layers are patched where they exist: patch after ``get_peft_model``, or call :func:`refresh` after
+    wrapping (``fastsft.SFTTrainer`` does).
     """
     causal_lm = causal_lm_of(model)
     switches = {"fused_cross_entropy": fused_cross_entropy, "attention": attention, "rms_norm": rms_norm,
-                "rope": rope, "lora": lora}
+                "lora": lora, "gated_activation": gated_activation, "rope": rope}
     assert switches.keys() == KERNELS.keys(), "patch() switches and families.KERNELS must list the same kernels"
     config = causal_lm.config
     device = causal_lm.get_output_embeddings().weight.device
@@ -76,24 +87,96 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
     family = FAMILIES[config.model_type]
 
     # Decide everything first (this is where a bad backend raises), then change the model in one step.
-    for name, wanted in switches.items():
-        if not wanted:
+    wanted = {}
+    for name, on in switches.items():
+        if not on:
             report.skipped[name] = "turned off"
         elif KERNELS[name] is not None:
             report.skipped[name] = KERNELS[name]
         elif device.type == "meta":
             report.skipped[name] = "the model's weights are on the meta device"
         else:
-            report.patched[name] = backends.chosen(LINEAR_CROSS_ENTROPY, device, backend)
+            wanted[name] = _chosen_backend(name, device, backend)
+    if "attention" in wanted and (reason := modules.attention_unsupported(config)):
+        wanted.pop("attention")
+        report.skipped["attention"] = reason
+    if ("gated_activation" in wanted or "lora" in wanted) and modules.activation_of(config) is None:
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        report.skipped["gated_activation"] = f"activation {act!r} has no fastsft kernel"
+        wanted.pop("gated_activation", None)
 
     unpatch(causal_lm)
-    if "fused_cross_entropy" in report.patched:
+    if "fused_cross_entropy" in wanted:
         state = PatchState(family=family, backend=backend, softcap=family.softcap(config),
                            logit_scale=family.logit_scale(config),
                            previous_forward=causal_lm.__dict__.get("forward"))
         state.installed_forward = types.MethodType(make_forward(type(causal_lm)), causal_lm)
         setattr(causal_lm, STATE_ATTR, state)
         causal_lm.forward = state.installed_forward
+        report.patched["fused_cross_entropy"] = wanted["fused_cross_entropy"]
+    _patch_modules(causal_lm, family, wanted, backend, report)
+    return report
+
+
+def _chosen_backend(kernel: str, device, backend: str) -> str:
+    op = {"fused_cross_entropy": LINEAR_CROSS_ENTROPY, "rms_norm": "rms_norm", "lora": "lora",
+          "gated_activation": "gated_activation"}.get(kernel)
+    return backends.chosen(op, device, backend) if op else backend
+
+
+def _patch_modules(causal_lm, family, wanted: dict, backend: str, report: PatchReport) -> None:
+    """Attention, norms, LoRA layers and MLPs, as they are in the model now; undos kept on the instance."""
+    undos = []
+
+    def apply(name, fn):
+        try:
+            detail, undo = fn()
+        except LookupError as exc:  # nothing of that kind in the model (e.g. no LoRA layers yet)
+            report.skipped[name] = str(exc)
+            return
+        undos.append(undo)
+        report.patched[name] = f"{wanted[name]}: {detail}" if name != "attention" else detail
+
+    if "attention" in wanted:
+        apply("attention", lambda: modules.patch_attention(causal_lm))
+    if "rms_norm" in wanted:
+        apply("rms_norm", lambda: modules.patch_rms_norms(causal_lm, family.norm_offset, backend))
+    if "lora" in wanted:
+        apply("lora", lambda: modules.patch_lora(causal_lm, backend))
+    activation = modules.activation_of(causal_lm.config)
+    fuse_lora = "lora" in report.patched and modules.has_lora_mlps(causal_lm)
+    if activation and (fuse_lora or "gated_activation" in wanted):
+        try:
+            detail, undo = modules.patch_mlps(causal_lm, activation, fuse_lora=fuse_lora,
+                                              gated="gated_activation" in wanted, backend=backend)
+        except LookupError as exc:
+            report.skipped.setdefault("gated_activation", str(exc))
+        else:
+            undos.append(undo)
+            if "gated_activation" in wanted:
+                report.patched["gated_activation"] = f"{wanted['gated_activation']}: {detail}"
+            else:
+                report.patched["lora"] += f"; {detail}"
+    # Kept even with nothing patched yet: refresh() retries (LoRA layers appear when PEFT wraps the model).
+    setattr(causal_lm, MODULES_ATTR, (dict(wanted), backend, undos))
+
+
+def refresh(model) -> PatchReport | None:
+    """Re-apply the module patches of a patched model to its current modules (after PEFT added LoRA layers).
+    Returns the new report, or None when the model is not patched."""
+    causal_lm = causal_lm_of(model)
+    record = causal_lm.__dict__.pop(MODULES_ATTR, None)
+    if record is None:
+        return None
+    wanted, backend, undos = record
+    for undo in reversed(undos):
+        undo()
+    config = causal_lm.config
+    report = PatchReport(type(causal_lm).__name__, config.model_type, supported=True,
+                         device=str(causal_lm.get_output_embeddings().weight.device))
+    if STATE_ATTR in causal_lm.__dict__:
+        report.patched["fused_cross_entropy"] = wanted["fused_cross_entropy"]
+    _patch_modules(causal_lm, FAMILIES[config.model_type], wanted, backend, report)
     return report
 
 
@@ -104,9 +187,12 @@ def unpatch(model) -> bool:
     removed too, with a warning: it wraps the patched forward and would call it after the state is gone.
     """
     causal_lm = causal_lm_of(model)
+    record = causal_lm.__dict__.pop(MODULES_ATTR, None)
+    for undo in reversed(record[2] if record else []):
+        undo()
     state: PatchState | None = causal_lm.__dict__.pop(STATE_ATTR, None)
     if state is None:
-        return False
+        return bool(record and record[2])
     current = causal_lm.__dict__.get("forward")
     if current is not None and current != state.installed_forward:
         warnings.warn(f"fastsft.unpatch: {type(causal_lm).__name__}.forward was replaced after patching "

@@ -16,13 +16,15 @@ class Family:
 
     ``softcap_attr``: config attribute holding the final logit soft-cap (Gemma 2/3), ``None`` when the family
     has none. ``logit_scale_attr``: config attribute of a logit multiplier applied before the soft-cap (Cohere),
-    or of a divisor when ``logit_scale_divides`` (Granite's ``logits_scaling``).
+    or of a divisor when ``logit_scale_divides`` (Granite's ``logits_scaling``). ``norm_offset``: 1 for Gemma's
+    RMSNorm (``* (1 + w)``), 0 for the others (``* w``).
     """
 
     model_type: str
     softcap_attr: str | None = None
     logit_scale_attr: str | None = None
     logit_scale_divides: bool = False
+    norm_offset: float = 0.0
 
     def softcap(self, config) -> float | None:
         value = getattr(config, self.softcap_attr, None) if self.softcap_attr else None
@@ -40,19 +42,20 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("mistral"),
     Family("qwen2"),
     Family("qwen3"),
-    Family("gemma"),
-    Family("gemma2", softcap_attr="final_logit_softcapping"),
-    Family("gemma3_text", softcap_attr="final_logit_softcapping"),
+    Family("gemma", norm_offset=1.0),
+    Family("gemma2", softcap_attr="final_logit_softcapping", norm_offset=1.0),
+    Family("gemma3_text", softcap_attr="final_logit_softcapping", norm_offset=1.0),
     Family("cohere", logit_scale_attr="logit_scale"),
     Family("granite", logit_scale_attr="logits_scaling", logit_scale_divides=True),
 )}
 
-# Every kernel fastsft can patch in, by switch name: None when it is available, else why not. The family
-# entries above hold what the available kernels need; the others get their fields when they land.
+# Every kernel fastsft can patch in, by switch name: None when it is available, else why not.
 KERNELS: dict[str, str | None] = {
     "fused_cross_entropy": None,
-    "attention": "not yet available in fastsft (being written)",
-    "rms_norm": "not yet available in fastsft (being written)",
-    "rope": "not yet available in fastsft (being written)",
-    "lora": "not yet available in fastsft (being written)",
+    "attention": None,
+    "rms_norm": None,
+    "lora": None,
+    "gated_activation": None,
+    "rope": ("transformers applies rotary embeddings through a module-level function with no extension point; "
+             "fastsft.ops.rope is available for direct use"),
 }

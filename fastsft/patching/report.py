@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 @dataclass
 class PatchReport:
-    """``patched``: kernel switch name -> backend chosen for ``device`` (the LM head's) at patch time (``auto`` re-picks
-    per call, so a model moved to another device may run another backend). ``skipped``: switch name -> why it
+    """``patched``: kernel switch name -> backend chosen for ``device`` (the LM head's) at patch time, with what was
+    patched (``auto`` re-picks per call, so a model moved to another device may run another backend). ``skipped``: switch name -> why it
     was left alone. ``supported``: False when the architecture is not in the family table (nothing was patched).
     """
 
@@ -27,7 +27,8 @@ class PatchReport:
         head = f"fastsft patch report for {self.model_class} (model_type={self.model_type!r})"
         if not self.supported:
             return f"{head}: unsupported architecture, left unpatched"
-        rows = [(name, "patched", f"backend {backend} on {self.device}") for name, backend in self.patched.items()]
+        rows = [(name, "patched", f"backend {detail} on {self.device}" if " " not in detail else detail)
+                for name, detail in self.patched.items()]
         rows += [(name, "skipped", reason) for name, reason in self.skipped.items()]
         width = max(len(name) for name, _, _ in rows)
         return "\n".join([head] + [f"  {name:<{width}}  {status:<7}  {detail}" for name, status, detail in rows])

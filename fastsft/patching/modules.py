@@ -1,0 +1,190 @@
+"""Module-level patches: attention implementation, RMSNorm forwards, fused LoRA projections and MLPs.
+
+Each patch changes instances only (an instance ``forward``, or the model's attention implementation through
+transformers' ``set_attn_implementation``) and returns an undo. They are re-applied after PEFT wraps a model
+(``fastsft.patching.refresh``), since the LoRA layers exist only then. A patched forward that meets an input it
+does not handle (another dtype, extra arguments, an adapter that became ineligible after ``merge_adapter``)
+runs the module's own forward for that call: never a wrong number.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Callable
+
+import torch
+
+Undo = Callable[[], None]
+
+# transformers' activation names -> fastsft's gated MLP activation
+ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh",
+               "gelu_new": "geglu_tanh", "gelu_fast": "geglu_tanh"}
+
+
+def _set_forward(module: torch.nn.Module, forward) -> Undo:
+    previous = module.__dict__.get("forward")
+    module.forward = types.MethodType(forward, module)
+
+    def undo():
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
+
+    return undo
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+
+def attention_unsupported(config) -> str | None:
+    if getattr(config, "attention_dropout", 0.0):
+        return f"attention_dropout={config.attention_dropout} (fastsft attention has no dropout)"
+    return None
+
+
+def patch_attention(causal_lm) -> tuple[str, Undo]:
+    """Select transformers' attention implementation ``"fastsft"`` (registered on first use)."""
+    from fastsft import transformers_attention
+
+    config = causal_lm.config
+    previous = config._attn_implementation
+    causal_lm.set_attn_implementation(transformers_attention.register())
+    device = next(causal_lm.parameters()).device
+    orders = {case: transformers_attention.provider_order(case, device) for case in ("packed", "dense")}
+    detail = "providers: " + "; ".join(f"{case} {' > '.join(order)}" for case, order in orders.items())
+    return detail, lambda: causal_lm.set_attn_implementation(previous)
+
+
+# --- RMSNorm --------------------------------------------------------------------------------------------------
+
+def _norm_eps(module) -> float | None:
+    for name in ("variance_epsilon", "eps"):
+        value = getattr(module, name, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def rms_norm_modules(causal_lm) -> list[torch.nn.Module]:
+    """The model's RMSNorm modules (decoder norms, final norm, Qwen3/Gemma 3 q/k norms)."""
+    return [m for m in causal_lm.modules() if type(m).__name__.endswith("RMSNorm")
+            and isinstance(getattr(m, "weight", None), torch.Tensor) and _norm_eps(m) is not None]
+
+
+def patch_rms_norms(causal_lm, offset: float, backend: str) -> tuple[str, Undo]:
+    from fastsft.ops import rms_norm
+
+    def forward(self, x):
+        if x.dtype != self.weight.dtype or x.shape[-1] != self.weight.shape[0]:
+            return type(self).forward(self, x)
+        return rms_norm(x, self.weight, self._fastsft_eps, offset=offset, backend=backend)
+
+    undos = []
+    modules = rms_norm_modules(causal_lm)
+    if not modules:
+        raise LookupError("no RMSNorm modules in the model (it normalizes another way)")
+    for module in modules:
+        module._fastsft_eps = _norm_eps(module)
+        undos.append(_set_forward(module, forward))
+    return f"{len(modules)} modules, offset {offset:g}", _chain(undos)
+
+
+# --- LoRA projections and gated MLPs ---------------------------------------------------------------------------
+
+def _is_lora_linear(module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:
+        return False
+    return isinstance(module, LoraLayer) and hasattr(module, "base_layer")
+
+
+def _is_4bit(module) -> bool:
+    return type(getattr(module, "base_layer", None)).__name__ == "Linear4bit"
+
+
+def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
+    """Route eligible PEFT LoRA ``Linear`` layers through ``fastsft.ops.lora_linear``."""
+    from fastsft.ops import lora_eligibility
+    from fastsft.ops.lora import fused_lora_forward
+
+    def forward(self, x, *args, **kwargs):
+        if not args and not kwargs:
+            out = fused_lora_forward(self, x, backend=backend)
+            if out is not None:
+                return out
+        return type(self).forward(self, x, *args, **kwargs)
+
+    undos, eligible, reasons = [], 0, {}
+    for module in causal_lm.modules():
+        if not _is_lora_linear(module):
+            continue
+        reason = "4-bit base weight (the fused path is not yet validated on a GPU)" if _is_4bit(module) \
+            else lora_eligibility(module)
+        if reason is not None:
+            reasons[reason] = reasons.get(reason, 0) + 1
+            continue
+        eligible += 1
+        undos.append(_set_forward(module, forward))
+    if not eligible and not reasons:
+        raise LookupError("no PEFT LoRA layers in the model")
+    detail = f"{eligible} LoRA layers fused"
+    if reasons:
+        detail += "; left to PEFT: " + ", ".join(f"{n} ({why})" for why, n in reasons.items())
+    return detail, _chain(undos)
+
+
+def _mlp_modules(causal_lm):
+    return [m for m in causal_lm.modules()
+            if all(isinstance(getattr(m, name, None), torch.nn.Module) for name in ("gate_proj", "up_proj",
+                                                                                     "down_proj", "act_fn"))]
+
+
+def activation_of(config) -> str | None:
+    name = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+    return ACTIVATIONS.get(name)
+
+
+def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, backend: str) -> tuple[str, Undo]:
+    """Gated MLPs: ``lora_mlp`` (all three projections LoRA, one scaling: nothing of size [tokens, intermediate]
+    is saved for backward) when ``fuse_lora``, else the fused gated activation between the model's projections
+    when ``gated``."""
+    from fastsft.ops import geglu, lora_mlp, swiglu
+    from fastsft.ops.lora import lora_parts
+
+    def act(gate, up):
+        if activation == "swiglu":
+            return swiglu(gate, up, backend=backend)
+        return geglu(gate, up, approximate="tanh" if activation == "geglu_tanh" else "none", backend=backend)
+
+    def forward(self, x, *args, **kwargs):
+        if args or kwargs:
+            return type(self).forward(self, x, *args, **kwargs)
+        if fuse_lora:
+            projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
+            parts = [None if _is_4bit(p) else lora_parts(p, x.dtype) for p in projections]
+            if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
+                (g, scaling), (u, _), (d, _) = parts
+                return lora_mlp(x, g, u, d, scaling, activation, backend=backend)
+        if gated:
+            return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+        return type(self).forward(self, x)
+
+    modules = _mlp_modules(causal_lm)
+    if not modules:
+        raise LookupError("no gated MLP modules (gate_proj, up_proj, down_proj, act_fn) in the model")
+    undos = [_set_forward(m, forward) for m in modules]
+    kinds = [k for k, on in (("LoRA-fused", fuse_lora), (f"{activation} kernel", gated)) if on]
+    return f"{len(modules)} MLPs ({' or '.join(kinds)})", _chain(undos)
+
+
+def has_lora_mlps(causal_lm) -> bool:
+    return any(_is_lora_linear(getattr(m, "gate_proj", None)) for m in _mlp_modules(causal_lm))
+
+
+def _chain(undos: list[Undo]) -> Undo:
+    def undo():
+        for u in reversed(undos):
+            u()
+
+    return undo
