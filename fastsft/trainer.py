@@ -55,6 +55,8 @@ class SFTTrainer(trl.SFTTrainer):
             self.patch_report = patching.patch(causal_lm, **switches)
         else:
             patching.reclaim_forward(causal_lm)
+            # TRL wrapped the model with PEFT after it was patched: the LoRA layers exist only now
+            self.patch_report = patching.refresh(causal_lm) or self.patch_report
         logger.info("%s", self.patch_report)
 
     @property
