@@ -3,7 +3,10 @@
 # (GPU-marked ones included) and the benchmarks, writing logs and JSON into OUTDIR.
 #
 #   scripts/gpu_check.sh OUTDIR [STAGE ...]
-#     stages: build test bench-lce bench-attention bench-norm demo (the default set), bench-sft-1b bench-sft-8b
+#     stages: build test bench-lce bench-attention bench-norm bench-lora bench-nf4 demo (the default set),
+#             bench-sft-1b bench-sft-8b
+# FASTSFT_TESTS picks test files; FASTSFT_BENCH_QUICK=1 the quick benchmark presets; FASTSFT_STAGE_TIMEOUT caps
+# each stage (seconds, default 540).
 #
 # Fits one 10-minute call on an H100/H200 (build ~1-2 min with 16 cores). Bring the wheels that the GPU image
 # lacks in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Every stage runs even if an earlier one failed;
@@ -11,7 +14,7 @@
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUTDIR [STAGE ...]}
 shift
-stages=${*:-build test bench-lce bench-attention bench-norm demo}
+stages=${*:-build test bench-lce bench-attention bench-norm bench-lora bench-nf4 demo}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -23,7 +26,7 @@ stage() {  # stage NAME COMMAND...: run, log to OUTDIR/NAME.log, record status a
   local name=$1; shift
   local start=$SECONDS
   echo "=== $name: $*" | tee -a "$out/$name.log"
-  "$@" >> "$out/$name.log" 2>&1
+  timeout "${FASTSFT_STAGE_TIMEOUT:-540}" "$@" >> "$out/$name.log" 2>&1
   local rc=$?
   printf '%-16s rc=%-3s %4ss\n' "$name" "$rc" "$((SECONDS - start))" | tee -a "$summary"
   tail -n 15 "$out/$name.log"
@@ -49,6 +52,8 @@ for s in $stages; do
              --write-table ${FASTSFT_BENCH_QUICK:+--quick} ;;
     bench-norm) stage bench-norm python3 -m bench.bench_norm_rope_act --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
+    bench-lora) stage bench-lora python3 -m bench.bench_lora --out "$out" ${FASTSFT_BENCH_QUICK:+--quick} ;;
+    bench-nf4) stage bench-nf4 python3 -m bench.bench_nf4 --out "$out" ${FASTSFT_BENCH_QUICK:+--quick} ;;
     demo) stage demo python3 -m fastsft demo --json "$out/demo.json" ;;
     bench-sft-1b) stage bench-sft-1b python3 -m bench.bench_sft --model llama-1b --packing --batch 4 --out "$out" ;;
     bench-sft-8b) stage bench-sft-8b python3 -m bench.bench_sft --model llama-8b --packing --batch 2 --out "$out" ;;
