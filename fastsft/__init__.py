@@ -21,6 +21,8 @@ _LAZY = {
     "load": "fastsft.loading",
     "SFTTrainer": "fastsft.trainer",
     "SFTConfig": "fastsft.trainer",
+    "FastLanguageModel": "fastsft.facade",
+    "is_bfloat16_supported": "fastsft.facade",
 }
 
 __all__ = ["__version__", "backends", "ops", *_LAZY]

@@ -12,13 +12,16 @@ mean loss, whose gradients are finished in the forward pass.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import warnings
 
 import torch
 import trl
-from trl import SFTConfig
 
 from fastsft import patching
+from fastsft.callbacks import ThroughputCallback
 
 __all__ = ["SFTConfig", "SFTTrainer"]
 
@@ -28,12 +31,98 @@ logger = logging.getLogger(__name__)
 _TRL_FUSED_FORWARD_QUALNAME = "add_fused_lm_head.<locals>._fused_forward"
 
 
+# Old argument names -> TRL 1.16 / transformers 5 names (one FutureWarning each when used)
+_RENAMED_CONFIG_ARGS = {"max_seq_length": "max_length", "evaluation_strategy": "eval_strategy",
+                        "push_to_hub_token": "hub_token", "per_gpu_train_batch_size": "per_device_train_batch_size",
+                        "per_gpu_eval_batch_size": "per_device_eval_batch_size"}
+# Old names that no longer have any effect: accepted with a warning that says so
+_DROPPED_CONFIG_ARGS = {
+    "overwrite_output_dir": "it had no effect in transformers.Trainer and was removed in transformers 5",
+    "include_tokens_per_second": "fastsft.SFTTrainer always logs tokens_per_second",
+    "dataset_batch_size": "it was removed from TRL; dataset preparation no longer uses it",
+    "num_of_sequences": "it was removed from TRL; packing uses max_length",
+    "chars_per_token": "it was removed from TRL; packing uses max_length",
+}
+
+
+def _deprecated(message: str) -> None:
+    warnings.warn(message, FutureWarning, stacklevel=4)
+
+
+def _map_config_kwargs(kwargs: dict, where: str) -> dict:
+    """``kwargs`` with the old names of :data:`_RENAMED_CONFIG_ARGS` renamed and those of
+    :data:`_DROPPED_CONFIG_ARGS` removed, one FutureWarning per old name."""
+    kwargs = dict(kwargs)
+    for old, new in _RENAMED_CONFIG_ARGS.items():
+        if old in kwargs:
+            if new in kwargs:
+                raise TypeError(f"{where}: got both {old}= (the old name) and {new}=; pass only {new}=")
+            _deprecated(f"{where}({old}=...) is deprecated: use {new}= (TRL 1.16 / transformers 5 name)")
+            kwargs[new] = kwargs.pop(old)
+    if "no_cuda" in kwargs:
+        if "use_cpu" in kwargs:
+            raise TypeError(f"{where}: got both no_cuda= (the old name) and use_cpu=; pass only use_cpu=")
+        _deprecated(f"{where}(no_cuda=...) is deprecated: use use_cpu=")
+        kwargs["use_cpu"] = kwargs.pop("no_cuda")
+    for old, why in _DROPPED_CONFIG_ARGS.items():
+        if old in kwargs:
+            _deprecated(f"{where}({old}=...) is ignored: {why}")
+            kwargs.pop(old)
+    if "logging_dir" in kwargs:
+        raise TypeError(f"{where}(logging_dir=...) was removed in transformers 5: set the TENSORBOARD_LOGGING_DIR "
+                        f"environment variable instead (the default is <output_dir>/runs/...)")
+    return kwargs
+
+
+class SFTConfig(trl.SFTConfig):
+    """``trl.SFTConfig`` (TRL 1.16) that also accepts the older argument names, with one FutureWarning each:
+    ``max_seq_length`` (-> ``max_length``), ``evaluation_strategy`` (-> ``eval_strategy``), ``no_cuda``
+    (-> ``use_cpu``), ``push_to_hub_token``, ``per_gpu_*_batch_size``; and ignores, with a warning, names that
+    no longer do anything (``overwrite_output_dir``, ``include_tokens_per_second``, ``dataset_batch_size``, ...).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **_map_config_kwargs(kwargs, "SFTConfig"))
+
+
+def _map_trainer_kwargs(model, args, kwargs: dict):
+    """Older ``SFTTrainer`` keyword arguments mapped to TRL 1.16: ``tokenizer=`` -> ``processing_class=``; config
+    fields given to the trainer (``dataset_text_field``, ``max_seq_length``, ``packing``, ``dataset_num_proc``,
+    ...) are moved into a copy of ``args``. One FutureWarning per old name. Returns ``(args, kwargs)``."""
+    kwargs = dict(kwargs)
+    if "tokenizer" in kwargs:
+        if kwargs.get("processing_class") is not None:
+            raise TypeError("SFTTrainer: got both tokenizer= (the old name) and processing_class=; pass only "
+                            "processing_class=")
+        _deprecated("SFTTrainer(tokenizer=...) is deprecated: use processing_class= (TRL 1.16 name)")
+        kwargs["processing_class"] = kwargs.pop("tokenizer")
+    config_names = {f.name for f in dataclasses.fields(trl.SFTConfig) if f.init}
+    old_names = set(_RENAMED_CONFIG_ARGS) | set(_DROPPED_CONFIG_ARGS) | {"no_cuda", "logging_dir"}
+    moved = {name: kwargs.pop(name) for name in list(kwargs) if name in config_names or name in old_names}
+    if not moved:
+        return args, kwargs
+    for name in moved:
+        if name not in old_names:  # old names warn once, in _map_config_kwargs
+            _deprecated(f"SFTTrainer({name}=...) is deprecated: pass it in SFTConfig({name}=...)")
+    moved = _map_config_kwargs(moved, "SFTTrainer")
+    if args is None:
+        name = model if isinstance(model, str) else model.config._name_or_path
+        return SFTConfig(output_dir=f"{name.split('/')[-1]}-SFT", **moved), kwargs
+    if not isinstance(args, trl.SFTConfig):  # a plain TrainingArguments, converted as TRL does
+        return SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token, **moved}), kwargs
+    args = copy.copy(args)  # the caller's config object is left as it was
+    for name, value in moved.items():
+        setattr(args, name, value)
+    return args, kwargs
+
+
 class SFTTrainer(trl.SFTTrainer):
     """``trl.SFTTrainer`` that patches the model with :func:`fastsft.patch` (a model object, a PEFT model, or a
     path/hub id that TRL loads). ``patch``: ``True`` (default switches), ``False`` (plain TRL), or a dict of
     :func:`fastsft.patch` keyword arguments. The report is ``trainer.patch_report`` (None when not patched)."""
 
-    def __init__(self, model, *args, patch: bool | dict = True, **kwargs):
+    def __init__(self, model, args=None, *positional, patch: bool | dict = True, **kwargs):
+        args, kwargs = _map_trainer_kwargs(model, args, kwargs)
         if not isinstance(patch, (bool, dict)):
             raise TypeError(f"SFTTrainer(patch=...) takes a bool or a dict of fastsft.patch options, got "
                             f"{type(patch).__name__}")
@@ -43,7 +132,9 @@ class SFTTrainer(trl.SFTTrainer):
         # the patched forward with its head, which is dropped again below.
         if patch is not False and not isinstance(model, str) and patching.is_supported(model):
             self.patch_report = patching.patch(model, **switches)
-        super().__init__(model, *args, **kwargs)
+        super().__init__(model, args, *positional, **kwargs)
+        # tokens/s and peak memory in every training log, ahead of the reporting callbacks that write the logs out
+        self.callback_handler.callbacks.insert(0, ThroughputCallback())
         if patch is False:
             return
         causal_lm = patching.causal_lm_of(self.model)
