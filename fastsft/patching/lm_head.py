@@ -118,7 +118,11 @@ def fused_forward(model, *, labels=None, shift_labels=None, num_items_in_batch=N
 
 def _head_loss(state: PatchState, head: torch.nn.Module, hidden, targets, num_items_in_batch, *, per_token: bool,
                want_stats: bool) -> dict:
-    weight, bias = head.weight, getattr(head, "bias", None)
+    weight, bias = _gathered(head.weight), _gathered(getattr(head, "bias", None))
+    if _is_dtensor(hidden):
+        raise NotImplementedError(
+            "fastsft: the backbone returned a DTensor (tensor or sequence parallelism); the fused loss takes plain "
+            "hidden states. Patch with fused_cross_entropy=False (SFTTrainer(patch={'fused_cross_entropy': False})).")
     hidden, targets = hidden.to(weight.device), targets.to(weight.device)
     # The op needs one dtype. Under autocast the original head would have run in the autocast dtype; otherwise
     # the head's own dtype decides (a float32 backbone output meets a bf16 head after norm upcasts, e.g.).
@@ -148,3 +152,30 @@ def _head_loss(state: PatchState, head: torch.nn.Module, hidden, targets, num_it
         result["entropy"] = stats.entropy.masked_fill(~mask, 0.0)
         result["is_top1"] = stats.is_argmax
     return result
+
+
+def _is_dtensor(tensor) -> bool:
+    if tensor is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _gathered(param):
+    """The whole of an LM-head parameter that FSDP2 left sharded (a DTensor: the head is its own FSDP group, whose
+    forward the fused path never calls, so FSDP never unshards it), as a plain tensor; anything else as it is.
+
+    Gathered once per forward, as TRL's fused head does. The gather is differentiable: where the head trains,
+    each rank's gradient of the whole weight is averaged across the mesh and lands back in the shards
+    (``Partial("avg")``, a reduce-scatter: what FSDP2 does for every other parameter, and what DDP's all-reduce
+    gives). A frozen head (LoRA) is gathered without autograd.
+    """
+    if not _is_dtensor(param):
+        return param
+    from torch.distributed.tensor import Partial, Replicate
+
+    replicated = [Replicate()] * param.device_mesh.ndim
+    if not param.requires_grad:
+        return param.detach().redistribute(placements=replicated).to_local()
+    return param.redistribute(placements=replicated).to_local(grad_placements=[Partial("avg")] * param.device_mesh.ndim)
