@@ -147,8 +147,12 @@ def activation_of(config) -> str | None:
 
 def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, backend: str) -> tuple[str, Undo]:
     """Gated MLPs: ``lora_mlp`` (all three projections LoRA, one scaling: nothing of size [tokens, intermediate]
-    is saved for backward) when ``fuse_lora``, else the fused gated activation between the model's projections
-    when ``gated``."""
+    is saved for backward) when ``fuse_lora`` and the model is not gradient-checkpointing, else the fused gated
+    activation between the model's (fused LoRA) projections when ``gated``.
+
+    ``lora_mlp`` recomputes the gate and up GEMMs in backward: measured on an H200 at 8B shapes it keeps 0.75 MiB
+    instead of 897 MiB per layer for backward but runs at 0.85x PEFT's speed. Under gradient checkpointing those
+    activations are dropped anyway, so there it would only cost time."""
     from fastsft.ops import geglu, lora_mlp, swiglu
     from fastsft.ops.lora import lora_parts
 
@@ -160,7 +164,7 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
     def forward(self, x, *args, **kwargs):
         if args or kwargs:
             return type(self).forward(self, x, *args, **kwargs)
-        if fuse_lora:
+        if fuse_lora and not getattr(causal_lm, "is_gradient_checkpointing", False):
             projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
             parts = [None if _is_4bit(p) else lora_parts(p, x.dtype) for p in projections]
             if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
@@ -174,7 +178,7 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
     if not modules:
         raise LookupError("no gated MLP modules (gate_proj, up_proj, down_proj, act_fn) in the model")
     undos = [_set_forward(m, forward) for m in modules]
-    kinds = [k for k, on in (("LoRA-fused", fuse_lora), (f"{activation} kernel", gated)) if on]
+    kinds = [k for k, on in (("LoRA-fused without checkpointing", fuse_lora), (f"{activation} kernel", gated)) if on]
     return f"{len(modules)} MLPs ({' or '.join(kinds)})", _chain(undos)
 
 
