@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.utils.checkpoint
 
 BACKENDS = ("cuda", "triton", "reference")
 TABLE_PATH = Path(__file__).with_name("backend_table.json")
@@ -42,6 +43,11 @@ class _Op:
     # backend -> function(device) returning None when usable, else the reason it is not
     checks: dict[str, Callable[[torch.device], str | None]] = field(default_factory=dict)
 
+
+# Exceptions that are control flow, not failures: non-reentrant activation checkpointing stops its recomputation
+# by raising one from a saved-tensor hook, which may sit inside any op's forward. They must pass through.
+_CONTROL_FLOW: tuple[type[BaseException], ...] = tuple(
+    cls for cls in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if cls is not None)
 
 _ops: dict[str, _Op] = {}
 _broken: dict[tuple[str, str, str], str] = {}  # (op, backend, device type) -> error
@@ -128,7 +134,7 @@ def dispatch(op: str, backend: str, device: torch.device, *args, **kwargs):
             return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError, torch.OutOfMemoryError, KeyboardInterrupt):
+        except (ValueError, TypeError, torch.OutOfMemoryError, KeyboardInterrupt, *_CONTROL_FLOW):
             raise
         except Exception as exc:  # a compile or launch failure: one warning, then never again this process
             _broken[(op, name, device.type)] = f"{type(exc).__name__}: {exc}"
