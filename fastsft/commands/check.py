@@ -51,8 +51,133 @@ def _lce_reference(hidden, weight, *, labels, softcap):
     return linear_cross_entropy(hidden, weight, labels, softcap=softcap)[0]
 
 
+def _probe(out: torch.Tensor) -> torch.Tensor:
+    """A scalar of ``out`` with fixed random weights, so every output element reaches the gradients."""
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return (out.double() * weights.to(out.device)).sum()
+
+
+def _randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _attention_inputs(device, dtype):
+    lengths = [1, 37, 64, 9]
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = _randn(total, 8, 64, seed=1), _randn(total, 2, 64, seed=2), _randn(total, 2, 64, seed=3)
+    return [t.to(device, dtype) for t in (q, k, v)], {"cu_seqlens": cu.to(device), "window": 16}
+
+
+def _attention_run(backend, q, k, v, *, cu_seqlens, window):
+    from fastsft.ops import flash_attention_varlen
+
+    return _probe(flash_attention_varlen(q, k, v, cu_seqlens, 64, window=window, backend=backend))
+
+
+def _attention_reference(q, k, v, *, cu_seqlens, window):
+    from fastsft.reference.attention import flash_attention_varlen
+
+    return _probe(flash_attention_varlen(q, k, v, cu_seqlens, window=window))
+
+
+def _norm_inputs(device, dtype):
+    return [_randn(33, 96, seed=1).to(device, dtype), (1 + 0.1 * _randn(96, seed=2)).to(device, dtype)], {}
+
+
+def _norm_run(backend, x, weight):
+    from fastsft.ops import rms_norm
+
+    return _probe(rms_norm(x, weight, 1e-6, backend=backend))
+
+
+def _norm_reference(x, weight):
+    from fastsft.reference.rms_norm import rms_norm
+
+    return _probe(rms_norm(x, weight, 1e-6))
+
+
+def _rope_inputs(device, dtype):
+    angles = _randn(2, 37, 32, seed=3)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    return ([_randn(2, 8, 37, 64, seed=1).to(device, dtype), _randn(2, 2, 37, 64, seed=2).to(device, dtype)],
+            {"cos": cos.to(device, dtype), "sin": sin.to(device, dtype)})
+
+
+def _rope_run(backend, q, k, *, cos, sin):
+    from fastsft.ops import rope
+
+    q2, k2 = rope(q, k, cos, sin, backend=backend)
+    return _probe(q2) + _probe(k2)
+
+
+def _rope_reference(q, k, *, cos, sin):
+    from fastsft.reference.rope import rope
+
+    q2, k2 = rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
+    return _probe(q2) + _probe(k2)
+
+
+def _act_inputs(device, dtype):
+    return [_randn(33, 200, seed=1).to(device, dtype), _randn(33, 200, seed=2).to(device, dtype)], {}
+
+
+def _act_run(backend, gate, up):
+    from fastsft.ops import geglu, swiglu
+
+    return _probe(swiglu(gate, up, backend=backend)) + _probe(geglu(gate, up, "tanh", backend=backend))
+
+
+def _act_reference(gate, up):
+    from fastsft.reference.gated_activation import geglu, swiglu
+
+    return _probe(swiglu(gate, up)) + _probe(geglu(gate, up, "tanh"))
+
+
+def _lora_inputs(device, dtype):
+    x, a, b = _randn(37, 96, seed=1), 0.1 * _randn(8, 96, seed=2), 0.1 * _randn(200, 8, seed=3)
+    return [t.to(device, dtype) for t in (x, a, b)], {"weight": (_randn(200, 96, seed=4) / 10).to(device, dtype)}
+
+
+def _lora_run(backend, x, a, b, *, weight):
+    from fastsft.ops import lora_linear
+
+    return _probe(lora_linear(x, weight, a, b, 2.0, backend=backend))
+
+
+def _lora_reference(x, a, b, *, weight):
+    from fastsft.reference.lora import lora_linear
+
+    return _probe(lora_linear(x, weight.to(x.dtype), a, b, 2.0))
+
+
+def _nf4_inputs(device, dtype):
+    from fastsft.reference.nf4 import quantize_nf4
+
+    quantized = quantize_nf4(_randn(96, 200, seed=1), blocksize=64, nested=True)
+    return [], {"quantized": {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in quantized.items()}}
+
+
+def _nf4_run(backend, *, quantized):
+    from fastsft.ops import dequantize_nf4
+
+    return _probe(dequantize_nf4(**{**quantized, "dtype": torch.float32}, backend=backend))
+
+
+def _nf4_reference(*, quantized):
+    from fastsft.reference.nf4 import dequantize_nf4
+
+    return _probe(dequantize_nf4(**{**quantized, "dtype": torch.float32}))
+
+
 CHECK_CASES: dict[str, CheckCase] = {
     "linear_cross_entropy": CheckCase(_lce_inputs, _lce_run, _lce_reference),
+    "flash_attention_varlen": CheckCase(_attention_inputs, _attention_run, _attention_reference),
+    "rms_norm": CheckCase(_norm_inputs, _norm_run, _norm_reference),
+    "rope": CheckCase(_rope_inputs, _rope_run, _rope_reference),
+    "gated_activation": CheckCase(_act_inputs, _act_run, _act_reference),
+    "lora": CheckCase(_lora_inputs, _lora_run, _lora_reference),
+    "dequantize_nf4": CheckCase(_nf4_inputs, _nf4_run, _nf4_reference, rtol=0.0),  # bit-exact
 }
 
 
@@ -80,7 +205,8 @@ def _rel_error(actual, expected) -> float:
 def _forward_backward(fn, inputs, kwargs):
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*leaves, **kwargs)
-    out.backward()
+    if leaves:  # ops without differentiable inputs (NF4 dequantization) are checked forward only
+        out.backward()
     return [out.detach()] + [t.grad for t in leaves]
 
 
