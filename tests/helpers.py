@@ -69,3 +69,12 @@ def opcheck(op, args, kwargs=None, test_utils=None):
         torch.library.opcheck(op, args, kwargs or {})
     else:
         torch.library.opcheck(op, args, kwargs or {}, test_utils=test_utils)
+
+
+def opcheck_triton(op, args, kwargs=None):
+    """opcheck for a Triton op: every test on a GPU. On the CPU (Triton's interpreter) all but AOT dispatch: AOT
+    autograd traces into a triton_op's body and the interpreter cannot run on traced tensors, so that check runs
+    in the GPU pass (scripts/gpu_check.sh)."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    cpu_tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    opcheck(op, args, kwargs, test_utils=None if device.type == "cuda" else cpu_tests)

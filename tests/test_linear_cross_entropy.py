@@ -9,7 +9,7 @@ import torch
 from fastsft import backends
 from fastsft.ops import linear_cross_entropy
 from fastsft.reference import linear_cross_entropy as ref
-from helpers import DEVICES, assert_close, assert_close_to_baseline, backend_params, opcheck
+from helpers import DEVICES, assert_close, assert_close_to_baseline, backend_params, opcheck, opcheck_triton
 
 OP = "linear_cross_entropy"
 lce_module = importlib.import_module("fastsft.ops.linear_cross_entropy")  # the package exports a function of that name
@@ -263,10 +263,7 @@ def test_opcheck_triton_rows(device):
         pytest.skip(reason)
     from fastsft.triton_kernels.cross_entropy import cross_entropy_rows  # noqa: F401 (registers the op)
 
-    # AOT autograd traces into a triton_op's body; Triton's CPU interpreter cannot run on traced tensors, so the
-    # AOT check runs only on a GPU (scripts/gpu_check.sh).
-    tests = None if device == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    opcheck(torch.ops.fastsft.cross_entropy_rows_triton.default, _rows_args(device), test_utils=tests)
+    opcheck_triton(torch.ops.fastsft.cross_entropy_rows_triton.default, _rows_args(device))
 
 
 @pytest.mark.parametrize("device,backend", CASES)

@@ -11,7 +11,7 @@ import torch
 from fastsft import backends
 from fastsft.ops import NestedAbsmax, dequantize_nf4, dequantize_nf4_into, from_bnb, quantize_nf4
 from fastsft.reference import nf4 as ref
-from helpers import DEVICES, backend_params, opcheck
+from helpers import DEVICES, backend_params, opcheck, opcheck_triton
 
 OP = "dequantize_nf4"
 CASES = [pytest.param(d, b.values[0], id=f"{d}-{b.id}", marks=b.marks) for d in DEVICES for b in backend_params(OP, d)]
@@ -268,11 +268,8 @@ def test_opcheck_triton(device):
         pytest.skip(reason)
     from fastsft.triton_kernels import nf4  # noqa: F401 (registers the op)
 
-    # AOT autograd traces into a triton_op's body; Triton's CPU interpreter cannot run on traced tensors, so the
-    # AOT check runs only on a GPU (scripts/gpu_check.sh).
-    tests = None if device == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
     for nested in (False, True):
-        opcheck(torch.ops.fastsft.dequantize_nf4_triton.default, _op_args(device, nested), test_utils=tests)
+        opcheck_triton(torch.ops.fastsft.dequantize_nf4_triton.default, _op_args(device, nested))
 
 
 # --- bitsandbytes --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 from fastsft import backends
 from fastsft.ops import rms_norm
 from fastsft.reference import rms_norm as ref
-from helpers import DEVICES, assert_close, assert_close_to_baseline, backend_params, opcheck
+from helpers import DEVICES, assert_close, assert_close_to_baseline, backend_params, opcheck, opcheck_triton
 
 OP = "rms_norm"
 CASES = [pytest.param(d, b.values[0], id=f"{d}-{b.id}", marks=b.marks) for d in DEVICES for b in backend_params(OP, d)]
@@ -186,11 +186,8 @@ def test_opcheck_triton(device):
         pytest.skip(reason)
     from fastsft.triton_kernels import rms_norm as kernels  # noqa: F401 (registers the ops)
 
-    # AOT autograd traces into a triton_op's body; Triton's CPU interpreter cannot run on traced tensors, so the
-    # AOT check runs only on a GPU (scripts/gpu_check.sh).
-    tests = None if device == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    opcheck(torch.ops.fastsft.rms_norm_forward_triton.default, _forward_args(device), test_utils=tests)
-    opcheck(torch.ops.fastsft.rms_norm_backward_triton.default, _backward_args(device), test_utils=tests)
+    opcheck_triton(torch.ops.fastsft.rms_norm_forward_triton.default, _forward_args(device))
+    opcheck_triton(torch.ops.fastsft.rms_norm_backward_triton.default, _backward_args(device))
 
 
 @pytest.mark.parametrize("device,backend", CASES)
