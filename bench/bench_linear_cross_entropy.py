@@ -106,7 +106,6 @@ def measure(provider: str, tokens: int, trainable: bool, tflops: float) -> dict:
     finally:
         for t in leaves:
             t.grad = None
-        del h, w, y
         gc.collect()
         torch.cuda.empty_cache()
     print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

@@ -171,7 +171,7 @@ def _worse(metric: str, old: float, new: float, threshold: float) -> bool:
 
 def compare(old_path: Path, new_path: Path, threshold: float) -> list[str]:
     """Regressions of ``new`` against ``old``, one line each."""
-    (_, old_rows), (new_env, new_rows) = load(old_path), load(new_path)
+    (_, old_rows), (_, new_rows) = load(old_path), load(new_path)
 
     def key(row):
         config, _ = split(row)

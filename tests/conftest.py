@@ -7,6 +7,8 @@ import torch
 # kernel is defined (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never download: models come from configs, data ships with the package.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,3 +23,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """The shipped demo model (small variant, random weights) and its tokenizer, saved as a local model dir."""
+    from fastsft.demo_assets import demo_model, demo_tokenizer
+    from helpers import SMALL_DEMO
+
+    path = tmp_path_factory.mktemp("demo_model")
+    demo_model(**SMALL_DEMO).save_pretrained(path)
+    demo_tokenizer().save_pretrained(path)
+    return str(path)

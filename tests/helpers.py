@@ -9,6 +9,10 @@ from fastsft import backends
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+# The shipped demo model shrunk for tests: trains a step in well under a second on the CPU
+SMALL_DEMO = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2)
+
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""

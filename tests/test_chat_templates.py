@@ -8,8 +8,8 @@ import trl
 from fastsft import SFTTrainer
 from fastsft.chat_templates import CHAT_TEMPLATES, get_chat_template, train_on_responses_only
 from fastsft.demo_assets import demo_dataset, demo_model, demo_tokenizer
+from helpers import SMALL_DEMO
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 END = {"llama-3": "<|eot_id|>", "chatml": "<|im_end|>", "qwen": "<|im_end|>", "mistral": "</s>", "gemma": "<end_of_turn>"}
 
 
@@ -65,7 +65,7 @@ def test_default_system_message_and_generation_prompt():
 
 
 def test_special_tokens_added_once_and_model_resized():
-    tokenizer, model = demo_tokenizer(), demo_model(**SMALL, vocab_size=778)
+    tokenizer, model = demo_tokenizer(), demo_model(**SMALL_DEMO, vocab_size=778)
     get_chat_template(tokenizer, "llama-3", model=model)  # four new tokens: 781 > 778
     assert len(tokenizer) == 781 and model.get_input_embeddings().num_embeddings >= 781
     assert len(tokenizer.tokenize("<|start_header_id|>")) == 1
@@ -82,7 +82,7 @@ def test_unknown_template():
 
 def trainer_for(tokenizer, tmp_path, **config):
     args = trl.SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=128, **config)
-    return SFTTrainer(model=demo_model(**SMALL), args=args, train_dataset=demo_dataset(16), processing_class=tokenizer)
+    return SFTTrainer(model=demo_model(**SMALL_DEMO), args=args, train_dataset=demo_dataset(16), processing_class=tokenizer)
 
 
 def trained_text(trainer, tokenizer):

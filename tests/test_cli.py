@@ -13,10 +13,6 @@ from fastsft import cli
 from fastsft.demo_assets import DEMO_DATASET, demo_model, demo_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
 
 def test_check_prints_a_passing_table(capsys):
     assert cli.main(["check"]) == 0

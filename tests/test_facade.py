@@ -11,21 +11,10 @@ import trl
 import fastsft
 from fastsft import FastLanguageModel, SFTConfig, SFTTrainer
 from fastsft.demo_assets import demo_dataset, demo_model, demo_tokenizer
-
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+from helpers import SMALL_DEMO
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("demo_model")
-    demo_model(**SMALL).save_pretrained(path)
-    demo_tokenizer().save_pretrained(path)
-    return str(path)
+
 
 
 def test_from_pretrained(model_dir):
@@ -177,7 +166,7 @@ def test_trainer_moves_config_fields_into_a_copy_of_args(tmp_path):
     args = trl.SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        trainer = SFTTrainer(model=demo_model(**SMALL), args=args, tokenizer=demo_tokenizer(),
+        trainer = SFTTrainer(model=demo_model(**SMALL_DEMO), args=args, tokenizer=demo_tokenizer(),
                              train_dataset=demo_dataset(8), max_seq_length=40, packing=False,
                              dataset_kwargs={"skip_prepare_dataset": False})
     messages = future_warnings(record)
@@ -190,5 +179,5 @@ def test_trainer_moves_config_fields_into_a_copy_of_args(tmp_path):
 def test_trainer_old_and_new_tokenizer_together_is_an_error(tmp_path):
     args = trl.SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     with pytest.raises(TypeError, match="tokenizer.*processing_class"):
-        SFTTrainer(model=demo_model(**SMALL), args=args, tokenizer=demo_tokenizer(),
+        SFTTrainer(model=demo_model(**SMALL_DEMO), args=args, tokenizer=demo_tokenizer(),
                    processing_class=demo_tokenizer(), train_dataset=demo_dataset(8))

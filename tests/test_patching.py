@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -18,10 +17,6 @@ TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_laye
 FAMILY_OVERRIDES = {"gemma2": {"final_logit_softcapping": 0.3}, "gemma3_text": {"final_logit_softcapping": 0.3},
                     "cohere": {"logit_scale": 0.5}, "granite": {"logits_scaling": 4.0}}
 
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def tiny_model(model_type="llama", seed=0, **overrides):

@@ -14,9 +14,8 @@ import torch
 import trl
 
 from fastsft import FastLanguageModel, SFTConfig, SFTTrainer, is_bfloat16_supported
-from fastsft.demo_assets import demo_dataset, demo_model, demo_tokenizer
+from fastsft.demo_assets import demo_dataset
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ON_GPU = torch.cuda.is_available()
 
@@ -28,18 +27,6 @@ def precision(gpu: bool) -> dict:
     return dict(fp16=False, bf16=False, optim="adamw_torch")
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The shipped demo model (a small variant, with weights) and its tokenizer, saved as a local model dir."""
-    path = tmp_path_factory.mktemp("demo_model")
-    demo_model(**SMALL).save_pretrained(path)
-    demo_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def load_model(model_dir):

@@ -10,14 +10,9 @@ from transformers import AutoModelForCausalLM
 
 import fastsft
 from fastsft.demo_assets import demo_dataset, demo_model, demo_tokenizer
-from helpers import assert_close
-
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+from helpers import SMALL_DEMO, assert_close
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def train(trainer_class, tmp_path, *, steps=20, batch_size=4, accumulation=1, model=None, dataset=None,
@@ -27,7 +22,7 @@ def train(trainer_class, tmp_path, *, steps=20, batch_size=4, accumulation=1, mo
                          per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
                          logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=True,
                          disable_tqdm=True, **config)
-    trainer = trainer_class(model=model if model is not None else demo_model(**SMALL), args=args,
+    trainer = trainer_class(model=model if model is not None else demo_model(**SMALL_DEMO), args=args,
                             train_dataset=dataset if dataset is not None else demo_dataset(80),
                             processing_class=demo_tokenizer(),
                             peft_config=LoraConfig(r=8, target_modules="all-linear", init_lora_weights=lora_init)
@@ -135,7 +130,7 @@ def test_prompt_completion_data(tmp_path):
 
 def test_model_path_string_is_loaded_and_patched(tmp_path):
     path = tmp_path / "tiny"
-    demo_model(**SMALL).save_pretrained(path)
+    demo_model(**SMALL_DEMO).save_pretrained(path)
     trainer = train(fastsft.SFTTrainer, tmp_path, model=str(path), train=False)
     assert trainer.patch_report is not None and trainer.patch_report.patched
     assert_fastsft_head_in_place(trainer)
@@ -143,7 +138,7 @@ def test_model_path_string_is_loaded_and_patched(tmp_path):
 
 def test_patch_false_is_stock_trl(tmp_path):
     args = trl.SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=64)
-    trainer = fastsft.SFTTrainer(model=demo_model(**SMALL), args=args, train_dataset=demo_dataset(8),
+    trainer = fastsft.SFTTrainer(model=demo_model(**SMALL_DEMO), args=args, train_dataset=demo_dataset(8),
                                  processing_class=demo_tokenizer(), patch=False)
     assert trainer.patch_report is None and not fastsft.patching.is_patched(trainer.model)
 
@@ -159,7 +154,7 @@ def test_evaluation_with_logits_metrics_and_best_model(tmp_path):
                          eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                          load_best_model_at_end=True, metric_for_best_model="eval_loss", report_to="none",
                          use_cpu=True, max_length=64, disable_tqdm=True, seed=0)
-    trainer = fastsft.SFTTrainer(model=demo_model(**SMALL), args=args, train_dataset=demo_dataset(32),
+    trainer = fastsft.SFTTrainer(model=demo_model(**SMALL_DEMO), args=args, train_dataset=demo_dataset(32),
                                  eval_dataset=demo_dataset(8), processing_class=demo_tokenizer(),
                                  compute_metrics=compute_metrics,
                                  peft_config=LoraConfig(r=4, target_modules="all-linear"))

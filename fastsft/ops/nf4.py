@@ -135,7 +135,7 @@ def _check(packed, absmax, shape, dtype, blocksize, code, nested, out):
         tensors["out"] = out
     devices = {t.device for t in tensors.values()}
     if len(devices) > 1:
-        raise ValueError(f"dequantize_nf4: all tensors must be on one device, got "
+        raise ValueError("dequantize_nf4: all tensors must be on one device, got "
                          + ", ".join(f"{k} on {t.device}" for k, t in tensors.items()))
     return packed, absmax.reshape(-1).contiguous(), code.reshape(-1).contiguous(), nested, shape, out
 
