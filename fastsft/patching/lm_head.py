@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from fastsft.ops import linear_cross_entropy
@@ -30,6 +31,8 @@ from fastsft.patching.families import Family
 
 IGNORE_INDEX = -100
 STATE_ATTR = "_fastsft_patch"  # instance attribute holding the PatchState of a patched model
+# transformers 5.24 renamed the outputs' `past_key_values` to `cache` (and renames the keyword when building one)
+CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 @dataclass
@@ -46,7 +49,8 @@ class FusedCausalLMOutput(ModelOutput):
     entropy: torch.Tensor | None = None
     is_top1: torch.Tensor | None = None
     label_mask: torch.Tensor | None = None
-    past_key_values: Any = None
+    cache: Any = None  # transformers >= 5.24
+    past_key_values: Any = None  # transformers < 5.24
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
 
@@ -111,7 +115,7 @@ def fused_forward(model, *, labels=None, shift_labels=None, num_items_in_batch=N
                         want_stats=fused)
     out = FusedCausalLMOutput(loss=result["loss"], log_probs=result.get("log_probs"), entropy=result.get("entropy"),
                               is_top1=result.get("is_top1"), label_mask=result.get("label_mask"),
-                              past_key_values=outputs.past_key_values,
+                              **{CACHE_FIELD: getattr(outputs, CACHE_FIELD, None)},
                               hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return out.to_tuple() if return_dict is False else out
 

@@ -164,7 +164,7 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
     def forward(self, x, *args, **kwargs):
         if args or kwargs:
             return type(self).forward(self, x, *args, **kwargs)
-        if fuse_lora and not getattr(causal_lm, "is_gradient_checkpointing", False):
+        if fuse_lora and not _checkpointing(causal_lm):
             projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
             parts = [None if _is_4bit(p) else lora_parts(p, x.dtype) for p in projections]
             if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
@@ -180,6 +180,13 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
     undos = [_set_forward(m, forward) for m in modules]
     kinds = [k for k, on in (("LoRA-fused without checkpointing", fuse_lora), (f"{activation} kernel", gated)) if on]
     return f"{len(modules)} MLPs ({' or '.join(kinds)})", _chain(undos)
+
+
+def _checkpointing(model) -> bool:
+    """Whether the model recomputes activations in backward (transformers 5.24 renamed the property)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
 def has_lora_mlps(causal_lm) -> bool:
