@@ -10,7 +10,8 @@ Choosing:
 - ``FASTSFT_BACKEND=<name>`` forces a backend for every op, ``FASTSFT_BACKEND_<OP>=<name>`` (op name upper-cased)
   for one op. A forced or explicitly requested backend that cannot run raises; it never falls back.
 - In ``auto``, a backend that fails to compile or launch is skipped with one warning, marked broken for that
-  device type for the rest of the process, and the next one runs. Errors about the caller's input
+  device type for the rest of the process, and the next one runs. A backend that raises ``Unsupported`` for an
+  input it does not take (a dtype, say) is skipped for that call only, quietly. Errors about the caller's input
   (``ValueError``/``TypeError``) and out-of-memory errors propagate: falling back would hide them.
 """
 
@@ -34,6 +35,11 @@ TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run on this device/input."""
+
+
+class Unsupported(TypeError):
+    """Raised by a backend for an input it does not take (float64 on a Triton kernel, say). In ``auto`` the next
+    backend runs, quietly and without marking this one broken: it is about this input, not the backend."""
 
 
 @dataclass
@@ -134,6 +140,8 @@ def dispatch(op: str, backend: str, device: torch.device, *args, **kwargs):
             return fn(*args, **kwargs)
         try:
             return fn(*args, **kwargs)
+        except Unsupported:
+            continue
         except (ValueError, TypeError, torch.OutOfMemoryError, KeyboardInterrupt, *_CONTROL_FLOW):
             raise
         except Exception as exc:  # a compile or launch failure: one warning, then never again this process

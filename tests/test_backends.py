@@ -40,6 +40,21 @@ def test_launch_failure_falls_back_once(op):
     assert op["calls"] == ["cuda", "reference", "reference"]  # marked broken after the first failure
 
 
+def test_unsupported_input_moves_on_quietly(op):
+    """A backend that does not take this input (float64 on a kernel, say): the next one runs, no warning, and the
+    backend stays usable for other inputs; an explicit request still raises."""
+    import warnings
+
+    op["raise"] = backends.Unsupported("float64 is not taken here")
+    x = torch.ones(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(backends.dispatch(OP, "auto", x.device, x), x * 2)
+    assert backends._broken == {} and op["calls"] == ["cuda", "reference"]
+    with pytest.raises(backends.Unsupported):
+        backends.dispatch(OP, "cuda", x.device, x)
+
+
 def test_checkpoint_control_flow_is_not_a_failure(op):
     """Non-reentrant checkpointing raises from a saved-tensor hook to stop recomputing; seen on an H200 as a
     fused LoRA kernel 'failing' mid-recompute, falling back, and crashing checkpointing. It must pass through."""

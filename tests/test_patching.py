@@ -205,3 +205,19 @@ def test_peft_model_save_load_gives_same_outputs(tmp_path):
     assert "lora" in report.patched  # the fused LoRA path produced those logits
     assert_close(plain(**inputs).loss, loss, rtol=1e-5)
     assert not torch.allclose(tiny_model()(**no_labels).logits, logits)  # the adapter matters
+
+
+def test_float64_model_trains_patched():
+    """Float64 is no kernel's dtype: every patched module must step to its reference, not fail (the distributed
+    parity test trains in float64)."""
+    model, inputs = tiny_model().double(), batch()
+    expected_loss, expected_grads = loss_and_grads(model, inputs)
+    report = fastsft.patch(model)
+    assert {"fused_cross_entropy", "rms_norm", "attention"} <= report.patched.keys()
+    loss, grads = loss_and_grads(model, inputs)
+    # transformers' own loss casts the logits to float32 (here a downcast), the fused op stays in float64: the
+    # unpatched side is the one at float32 precision
+    assert_close(loss, expected_loss, rtol=1e-6, name="loss")
+    assert loss.dtype == torch.float64
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], rtol=1e-6, atol=1e-12, name=name)

@@ -137,7 +137,8 @@ def _kernels():
 @backends.register(OP, "triton", available=backends.triton_available)
 def _triton_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window, softcap):
     if q.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"{OP}: the triton backend takes {_KERNEL_DTYPES}, got {q.dtype}; use backend='reference'")
+        raise backends.Unsupported(f"{OP}: the triton backend takes {_KERNEL_DTYPES}, got {q.dtype}; "
+                                   "use backend='reference'")
     if q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
         raise ValueError(f"{OP}: the triton backend takes head dims up to {_MAX_KERNEL_HEAD_DIM}, got {q.shape[-1]}")
     return _FlashAttnVarlen.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, int(window or 0),

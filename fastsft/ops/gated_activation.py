@@ -56,7 +56,7 @@ def _reference_backend(gate, up, activation):
 @backends.register(OP, "triton", available=backends.triton_available)
 def _triton_backend(gate, up, activation):
     if gate.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"gated activation: the triton backend takes {_KERNEL_DTYPES}, got {gate.dtype}; "
+        raise backends.Unsupported(f"gated activation: the triton backend takes {_KERNEL_DTYPES}, got {gate.dtype}; "
                         "use backend='reference' for float64")
     from fastsft.triton_kernels import gated_activation as kernels
 

@@ -176,7 +176,7 @@ def default_chunk_size(tokens: int, vocab: int, element_size: int, weight_grad_b
 def _chunked(rows_fn, hidden, weight, labels, *, bias, ignore_index, reduction, num_items_in_batch, softcap,
              logit_scale, want_stats, chunk_size):
     if hidden.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"linear_cross_entropy: the fast backends take {_KERNEL_DTYPES}, got {hidden.dtype}; "
+        raise backends.Unsupported(f"linear_cross_entropy: the fast backends take {_KERNEL_DTYPES}, got {hidden.dtype}; "
                         "use backend='reference' for float64")
     if num_items_in_batch is not None:
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)

@@ -178,7 +178,7 @@ def _triton_backend(kind, x, projections, scaling, activation):
         objs.append(None if dense else w)
     if kind == "mlp":
         if x.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"lora_mlp: the triton backend takes {_KERNEL_DTYPES}, got {x.dtype}; "
+            raise backends.Unsupported(f"lora_mlp: the triton backend takes {_KERNEL_DTYPES}, got {x.dtype}; "
                             "use backend='reference' for float64")
         from fastsft.triton_kernels import lora as kernels
 

@@ -112,7 +112,7 @@ def _cuda_backend(x, weight, eps, offset, residual):
 
 def _fast(impl, x, weight, eps, offset, residual):
     if x.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"rms_norm: the fast backends take {_KERNEL_DTYPES}, got {x.dtype}; "
+        raise backends.Unsupported(f"rms_norm: the fast backends take {_KERNEL_DTYPES}, got {x.dtype}; "
                         "use backend='reference' for float64")
     return _RmsNorm.apply(x, weight, residual, eps, offset, impl)
 

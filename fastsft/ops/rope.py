@@ -94,7 +94,7 @@ def _cuda_backend(q, k, cos, sin):
 
 def _fast(fn, q, k, cos, sin, *, strided_ok):
     if q.dtype not in _KERNEL_DTYPES:
-        raise TypeError(f"rope: the fast backends take {_KERNEL_DTYPES}, got {q.dtype}; "
+        raise backends.Unsupported(f"rope: the fast backends take {_KERNEL_DTYPES}, got {q.dtype}; "
                         "use backend='reference' for float64")
     cos = cos.detach().to(q.dtype).contiguous()
     sin = sin.detach().to(q.dtype).contiguous()
