@@ -10,5 +10,5 @@ target=$(mktemp -d)
 "$venv/bin/python" -m pip install -q --no-deps --target "$target" "transformers==$version"
 cd "$repo"
 PYTHONPATH="$target" "$venv/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
-PYTHONPATH="$target" "$venv/bin/python" -m pytest -q tests/test_patching.py tests/test_transformers_attention.py \
+PYTHONPATH="$target" "$venv/bin/python" -m pytest -q tests/test_patching.py tests/test_transformers_attention.py tests/test_convergence.py \
   tests/test_trainer.py "$@"

@@ -82,3 +82,21 @@ def opcheck_triton(op, args, kwargs=None):
     device = next(a.device for a in args if isinstance(a, torch.Tensor))
     cpu_tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     opcheck(op, args, kwargs, test_utils=None if device.type == "cuda" else cpu_tests)
+
+
+# --- tiny models of every supported family ------------------------------------------------------------------------
+
+TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+# Non-default head settings so the softcap/scale paths are really exercised
+FAMILY_OVERRIDES = {"gemma2": {"final_logit_softcapping": 0.3}, "gemma3_text": {"final_logit_softcapping": 0.3},
+                    "cohere": {"logit_scale": 0.5}, "granite": {"logits_scaling": 4.0}}
+
+
+def tiny_model(model_type="llama", seed=0, **overrides):
+    """A float32 causal LM of ``model_type`` with the TINY sizes and the family's head overrides."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILY_OVERRIDES.get(model_type, {}), **overrides})
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

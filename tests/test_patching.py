@@ -9,21 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import fastsft
 from fastsft.patching import FAMILIES, is_patched
-from helpers import assert_close
-
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
-# Non-default head settings so the softcap/scale paths are really exercised
-FAMILY_OVERRIDES = {"gemma2": {"final_logit_softcapping": 0.3}, "gemma3_text": {"final_logit_softcapping": 0.3},
-                    "cohere": {"logit_scale": 0.5}, "granite": {"logits_scaling": 4.0}}
-
-
-
-def tiny_model(model_type="llama", seed=0, **overrides):
-    config = AutoConfig.for_model(model_type, **{**TINY, **FAMILY_OVERRIDES.get(model_type, {}), **overrides})
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
+from helpers import assert_close, tiny_model
 
 def batch(vocab=96, seed=1):
     g = torch.Generator().manual_seed(seed)
