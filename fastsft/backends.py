@@ -88,11 +88,22 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
 
 
 @functools.lru_cache(maxsize=None)
-def _table() -> dict:
+def load_table(path: Path) -> dict:
+    """A measured per-card table (JSON) shipped with the package, read once; empty when missing."""
     try:
-        return json.loads(TABLE_PATH.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return {}
+
+
+def _table() -> dict:
+    return load_table(TABLE_PATH)
+
+
+@functools.lru_cache(maxsize=None)
+def card_name(index: int) -> str:
+    """The CUDA card's name, looked up once per device (the tables are keyed by it; every op call asks)."""
+    return torch.cuda.get_device_name(index)
 
 
 def auto_order(op: str, device: torch.device) -> list[str]:
@@ -100,7 +111,8 @@ def auto_order(op: str, device: torch.device) -> list[str]:
     table = _table().get(op, {})
     order = None
     if device.type == "cuda":
-        order = table.get("cards", {}).get(torch.cuda.get_device_name(device))
+        order = table.get("cards", {}).get(card_name(device.index if device.index is not None
+                                                     else torch.cuda.current_device()))
     if order is None:
         order = table.get("default", {}).get(device.type)
     if order is None:  # no table entry at all: compiled first, then Triton on GPUs, reference last

@@ -20,8 +20,6 @@ padding, holes in the mask, and decoding with a KV cache go to SDPA with an expl
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import weakref
 from pathlib import Path
@@ -55,12 +53,10 @@ def force_provider(provider: str | None) -> None:
     _forced = provider
 
 
-@functools.lru_cache(maxsize=None)
 def _table() -> dict:
-    try:
-        return json.loads(TABLE_PATH.read_text())
-    except FileNotFoundError:
-        return {}
+    from fastsft.backends import load_table
+
+    return load_table(TABLE_PATH)
 
 
 def provider_order(case: str, device: torch.device) -> list[str]:
@@ -71,7 +67,10 @@ def provider_order(case: str, device: torch.device) -> list[str]:
             raise ValueError(f"FASTSFT_ATTENTION={forced!r}: expected one of {PROVIDERS}")
         return [forced]
     if device.type == "cuda":
-        measured = _table().get("cards", {}).get(torch.cuda.get_device_name(device), {}).get(case)
+        from fastsft.backends import card_name
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        measured = _table().get("cards", {}).get(card_name(index), {}).get(case)
         if measured:
             return list(measured)
     return list(_DEFAULT_ORDER[case])

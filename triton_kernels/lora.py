@@ -16,19 +16,9 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from fastsft.ops.gated_activation import ACTIVATION_CODES
-from fastsft.triton_kernels.gated_activation import _act_and_grad
+from fastsft.triton_kernels.gated_activation import _act_and_grad, _gated_forward_kernel
 
 _BLOCK = 1024
-
-
-@triton.jit
-def _lora_gated_forward_kernel(gate_ptr, up_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit: n can pass 2**31
-    mask = offs < n
-    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a, _ = _act_and_grad(g, ACT, False)
-    tl.store(gate_ptr + offs, (a * u).to(gate_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -50,8 +40,9 @@ def lora_gated_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) ->
     ``"silu"``, ``"gelu"`` or ``"gelu_tanh"``."""
     n = gate.numel()
     if n:
-        wrap_triton(_lora_gated_forward_kernel)[(triton.cdiv(n, _BLOCK),)](
-            gate, up, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
+        # the gated activation's own kernel, writing over gate: each element is read, then written, by one program
+        wrap_triton(_gated_forward_kernel)[(triton.cdiv(n, _BLOCK),)](
+            gate, up, gate, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
 
 
 @triton_op("fastsft::lora_gated_backward_triton", mutates_args={"grad_h", "gate", "up"})
