@@ -4,7 +4,8 @@
 #
 #   scripts/gpu_check.sh OUTDIR [STAGE ...]
 #     stages: build test bench-lce bench-attention bench-norm bench-lora bench-nf4 demo (the default set),
-#             bench-sft-1b bench-sft-8b
+#             tune-attention (before bench-attention: measures and stores the attention kernels' launch
+#             configurations), bench-sft-1b bench-sft-8b
 # FASTSFT_TESTS picks test files; FASTSFT_BENCH_QUICK=1 the quick benchmark presets; FASTSFT_STAGE_TIMEOUT caps
 # each stage (seconds, default 540).
 #
@@ -48,8 +49,12 @@ for s in $stages; do
              --junitxml="$out/pytest.xml" ;;
     bench-lce) stage bench-lce python3 -m bench.bench_linear_cross_entropy --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
+    tune-attention) stage tune-attention python3 -m bench.tune_attention --out "$out" --write-table \
+             ${FASTSFT_BENCH_QUICK:+--quick}
+             cp fastsft/attention_kernel_table.json "$out/" 2>/dev/null ;;
     bench-attention) stage bench-attention python3 -m bench.bench_attention --out "$out/attention.json" \
-             --write-table ${FASTSFT_BENCH_QUICK:+--quick} ;;
+             --write-table ${FASTSFT_BENCH_QUICK:+--quick}
+             cp fastsft/attention_table.json "$out/" 2>/dev/null ;;
     bench-norm) stage bench-norm python3 -m bench.bench_norm_rope_act --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
     bench-lora) stage bench-lora python3 -m bench.bench_lora --out "$out" ${FASTSFT_BENCH_QUICK:+--quick} ;;

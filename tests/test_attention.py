@@ -118,19 +118,25 @@ def test_one_long_sequence_matches_reference(device, backend, poisoned):
     check(backend, q, k, v, cu, max_seqlen, rtol=RTOL[torch.float32])
 
 
-@pytest.mark.parametrize("fwd_blocks,bwd_blocks", [((128, 64), (64, 64)), ((64, 32), (32, 32)), ((16, 64), (64, 16))],
-                         ids=["gpu-d128", "gpu-d256", "m-lt-n"])
-@pytest.mark.parametrize("opts", [{}, {"window": 70, "softcap": 6.0}], ids=["causal", "window-softcap"])
-def test_other_block_sizes(fwd_blocks, bwd_blocks, opts, poisoned, monkeypatch):
+# (fwd, dkdv, dq) blocks as (BLOCK_M queries, BLOCK_N keys): the GPU defaults' shapes, scaled down, and both
+# orders of M and N, so the block-range logic is checked with the shapes the tuner may pick
+BLOCK_SHAPES = {"gpu-d128": ((128, 64), (32, 128), (128, 32)), "gpu-d256": ((64, 32), (32, 32), (32, 32)),
+                "m-lt-n": ((16, 64), (16, 64), (32, 64)), "m-gt-n": ((64, 16), (64, 16), (64, 16))}
+
+
+@pytest.mark.parametrize("shape", list(BLOCK_SHAPES))
+@pytest.mark.parametrize("opts", [{}, {"window": 70, "softcap": 6.0}, {"causal": False}],
+                         ids=["causal", "window-softcap", "noncausal"])
+def test_other_block_sizes(shape, opts, poisoned, monkeypatch):
     """The block-range logic with the GPU's block shapes (and BLOCK_M < BLOCK_N), in the interpreter."""
     if backends.unavailable_reason(OP, "triton", torch.device("cpu")):
         pytest.skip("needs the triton backend on the CPU")
     from fastsft.triton_kernels import flash_attention as fa
 
-    monkeypatch.setattr(fa, "fwd_config", lambda *a: dict(BLOCK_M=fwd_blocks[0], BLOCK_N=fwd_blocks[1],
-                                                          num_warps=4, num_stages=1))
-    monkeypatch.setattr(fa, "bwd_config", lambda *a: dict(BLOCK_M=bwd_blocks[0], BLOCK_N=bwd_blocks[1],
-                                                          num_warps=4, num_stages=1))
+    blocks = dict(zip(("fwd", "dkdv", "dq"), BLOCK_SHAPES[shape]))
+    monkeypatch.setattr(fa, "kernel_config", lambda kernel, *a: dict(BLOCK_M=blocks[kernel][0],
+                                                                     BLOCK_N=blocks[kernel][1], num_warps=4,
+                                                                     num_stages=1))
     q, k, v, cu, m = make_inputs([1, 200, 129, 64, 2], 2, 1, 64, torch.float32, "cpu")
     check("triton", q, k, v, cu, m, rtol=RTOL[torch.float32], **opts)
 

@@ -9,7 +9,8 @@ without repeating K/V).
   exits when its block starts past the sequence's end, so no host sync is needed.
 - Each program splits its loop over the other operand's blocks into three ranges: blocks partly masked at the
   window's left edge, blocks that need no mask at all, and blocks partly masked at the causal diagonal or the
-  sequence's end. Blocks outside the causal/window band are never visited.
+  sequence's end. Blocks outside the causal/window band are never visited; the unmasked range loads without
+  masks (and without a head-dim mask when the head dim is a power of two), so its loads vectorize and pipeline.
 - Forward: online softmax in base 2 with fp32 accumulation; the log-sum-exp (natural log, fp32, [Hq, total])
   is saved for the backward.
 - Backward (FA2): ``delta = rowsum(dO * O)``; one kernel per key block accumulating dK/dV over the query blocks
@@ -17,9 +18,13 @@ without repeating K/V).
   key blocks. Every output element is written by exactly one program: deterministic by construction.
 - Logit softcap: ``s = cap * tanh(scale * q.k / cap)``; its derivative ``1 - tanh^2`` is applied in backward.
 - Sliding window (left size ``w``, causal only): query ``i`` sees keys ``j`` with ``i - w < j <= i``.
+- Block shapes, warps and pipeline depth per kernel come from ``fastsft/attention_kernel_table.json``, measured
+  per card by ``python -m bench.tune_attention --write-table``; the defaults below where the card is not listed.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import triton
@@ -37,46 +42,79 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
+@triton.jit
+def _load(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """A tile load masked only where needed: a mask the compiler cannot prove constant stops vectorization."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            return tl.load(ptrs, mask=rows_ok & cols_ok, other=0.0)
+        else:
+            return tl.load(ptrs, mask=rows_ok, other=0.0)
+    else:
+        if MASK_COLS:
+            return tl.load(ptrs, mask=cols_ok, other=0.0)
+        else:
+            return tl.load(ptrs)
+
+
+@triton.jit
+def _scores(s, qk_scale, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw q.k -> logits in base 2 (times log2 e), and tanh's value for the softcap's derivative."""
+    if HAS_SOFTCAP:
+        t = _tanh(s * (sm_scale / softcap))
+        return t * (softcap * LOG2E), t  # tensor first: the interpreter keeps constexpr * tensor a constexpr
+    else:
+        return s * qk_scale, s
+
+
+@triton.jit
+def _band(rows, cols, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Which (query row, key col) pairs of a tile attend: inside the sequence, causal, inside the window."""
+    keep = (rows < L) & (cols < L)
+    if CAUSAL:
+        keep = keep & (cols <= rows)
+    if HAS_WINDOW:
+        keep = keep & (rows - cols < window)
+    return keep
+
+
 # --- forward -------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_mask, L, lo, hi,
-               sm_scale, softcap, window,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_ok, L, lo, hi,
+               qk_scale, sm_scale, softcap, window,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]  # [D, N]
+    v_ptrs = v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :]  # [N, D]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < L
-        if MASK:
-            kv_mask = n_mask
-        else:
-            kv_mask = offs_n >= 0  # all true: the block lies inside the sequence
-        k_t = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None],
-                      mask=kv_mask[None, :] & d_mask[:, None], other=0.0)  # [D, N]
+        n_ok = offs_n < L
+        k_t = _load(k_ptrs, n_ok[None, :], d_ok[:, None], MASK, MASK_D)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-        if HAS_SOFTCAP:
-            s = (softcap * LOG2E) * _tanh(s * (sm_scale / softcap))
-        else:
-            s = s * (sm_scale * LOG2E)
-        if MASK:
-            keep = n_mask[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            if HAS_WINDOW:
-                keep = keep & (offs_m[:, None] - offs_n[None, :] < window)
-            s = tl.where(keep, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASK:  # a row may have seen no key yet: subtract 0 instead of -inf
-            m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
-        else:
+        if MASK or HAS_SOFTCAP:
+            s, _ = _scores(s, qk_scale, sm_scale, softcap, HAS_SOFTCAP)
+            if MASK:
+                s = tl.where(_band(offs_m[:, None], offs_n[None, :], L, window, CAUSAL, HAS_WINDOW), s,
+                             -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if MASK:  # a row may have seen no key yet: subtract 0 instead of -inf
+                m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
+            else:
+                m_sub = m_new
+            p = tl.exp2(s - m_sub[:, None])
+        else:  # the common case: the scale folds into one multiply-add per score
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_sub = m_new
+            p = tl.exp2(s * qk_scale - m_sub[:, None])
         alpha = tl.exp2(m_i - m_sub)
-        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :],
-                    mask=kv_mask[:, None] & d_mask[None, :], other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v = _load(v_ptrs, n_ok[:, None], d_ok[None, :], MASK, MASK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
     return acc, l_i, m_i
 
 
@@ -100,6 +138,7 @@ def _key_ranges(m0, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, B
         clean_lo = m0 * 0
     clean_lo = tl.minimum(clean_lo, hi)
     clean_hi = tl.maximum(tl.minimum(clean_hi, hi), clean_lo)
+    # a block that needs no mask must also lie inside the sequence: clean blocks end at or before m_last < L
     return lo, clean_lo, clean_hi, hi
 
 
@@ -119,36 +158,42 @@ def _flash_fwd_kernel(
     m0 = pid_m * BLOCK_M
     if m0 >= L:
         return
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     kvh = h // group
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < L
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < L
     tok_m = (start + offs_m).to(tl.int64)
-    q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = _load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], m_ok[:, None], d_ok[None, :],
+              True, MASK_D)
     k_base = K + start.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = V + start.to(tl.int64) * stride_vt + kvh * stride_vh
+    qk_scale = sm_scale * LOG2E
 
     lo, clean_lo, clean_hi, hi = _key_ranges(m0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -float("inf"), dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_mask, L,
-                               lo, clean_lo, sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                               BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_mask, L,
-                               clean_lo, clean_hi, sm_scale, softcap, window, False, CAUSAL, HAS_WINDOW,
-                               HAS_SOFTCAP, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_mask, L,
-                               clean_hi, hi, sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                               BLOCK_N, DOT_PRECISION)
+    if HAS_WINDOW:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_ok, L,
+                                   lo, clean_lo, qk_scale, sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW,
+                                   HAS_SOFTCAP, MASK_D, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_ok, L,
+                               clean_lo, clean_hi, qk_scale, sm_scale, softcap, window, False, CAUSAL, HAS_WINDOW,
+                               HAS_SOFTCAP, MASK_D, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_ok, L,
+                               clean_hi, hi, qk_scale, sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW,
+                               HAS_SOFTCAP, MASK_D, BLOCK_N, DOT_PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only rows past the end (never stored) can have l == 0
     out = acc / l_safe[:, None]
-    tl.store(O + tok_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=m_mask[:, None] & d_mask[None, :])
+    o_ptrs = O + tok_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    if MASK_D:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None])
     lse = (m_i + tl.log2(l_safe)) * LN2
-    tl.store(LSE + h.to(tl.int64) * total + start + offs_m, lse, mask=m_mask)
+    tl.store(LSE + h.to(tl.int64) * total + start + offs_m, lse, mask=m_ok)
 
 
 # --- backward ------------------------------------------------------------------------------------------------
@@ -169,39 +214,29 @@ def _bwd_preprocess_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, strid
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_mask, L, lo, hi,
-                  sm_scale, softcap, window,
+def _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_ok, L, lo, hi,
+                  qk_scale, sm_scale, softcap, window,
                   MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None]  # [D, N]
+    v_ptrs = v_base + offs_n[None, :].to(tl.int64) * stride_vt + offs_d[:, None]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < L
+        n_ok = offs_n < L
+        k_t = _load(k_ptrs, n_ok[None, :], d_ok[:, None], MASK, MASK_D)
+        v_t = _load(v_ptrs, n_ok[None, :], d_ok[:, None], MASK, MASK_D)
+        s, t = _scores(tl.dot(q, k_t, input_precision=DOT_PRECISION), qk_scale, sm_scale, softcap, HAS_SOFTCAP)
+        p = tl.exp2(s - lse2[:, None])
         if MASK:
-            kv_mask = n_mask
-        else:
-            kv_mask = offs_n >= 0
-        ld_mask = kv_mask[None, :] & d_mask[:, None]
-        k_t = tl.load(k_base + offs_n[None, :].to(tl.int64) * stride_kt + offs_d[:, None], mask=ld_mask, other=0.0)
-        v_t = tl.load(v_base + offs_n[None, :].to(tl.int64) * stride_vt + offs_d[:, None], mask=ld_mask, other=0.0)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-        if HAS_SOFTCAP:
-            t = _tanh(s * (sm_scale / softcap))
-            s2 = (softcap * LOG2E) * t
-        else:
-            s2 = s * (sm_scale * LOG2E)
-        p = tl.exp2(s2 - lse2[:, None])
-        if MASK:
-            keep = n_mask[None, :]
-            if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            if HAS_WINDOW:
-                keep = keep & (offs_m[:, None] - offs_n[None, :] < window)
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_band(offs_m[:, None], offs_n[None, :], L, window, CAUSAL, HAS_WINDOW), p, 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
+        dq = tl.dot(ds.to(k_t.dtype), tl.trans(k_t), dq, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
     return dq
 
 
@@ -221,76 +256,77 @@ def _bwd_dq_kernel(
     m0 = pid_m * BLOCK_M
     if m0 >= L:
         return
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     kvh = h // group
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < L
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < L
     tok_m = (start + offs_m).to(tl.int64)
-    md_mask = m_mask[:, None] & d_mask[None, :]
-    q = tl.load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], mask=md_mask, other=0.0)
-    do = tl.load(DO + tok_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], mask=md_mask, other=0.0)
+    q = _load(Q + tok_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :], m_ok[:, None], d_ok[None, :],
+              True, MASK_D)
+    do = _load(DO + tok_m[:, None] * stride_dot + h * stride_doh + offs_d[None, :], m_ok[:, None], d_ok[None, :],
+               True, MASK_D)
     row = h.to(tl.int64) * total + start + offs_m
-    lse2 = tl.load(LSE + row, mask=m_mask, other=0.0) * LOG2E
-    delta = tl.load(DELTA + row, mask=m_mask, other=0.0)
+    lse2 = tl.load(LSE + row, mask=m_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
     k_base = K + start.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = V + start.to(tl.int64) * stride_vt + kvh * stride_vh
+    qk_scale = sm_scale * LOG2E
 
     lo, clean_lo, clean_hi, hi = _key_ranges(m0, L, window, CAUSAL, HAS_WINDOW, BLOCK_M, BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_mask, L,
-                       lo, clean_lo, sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N,
-                       DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_mask, L,
-                       clean_lo, clean_hi, sm_scale, softcap, window, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                       BLOCK_N, DOT_PRECISION)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_mask, L,
-                       clean_hi, hi, sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BLOCK_N,
-                       DOT_PRECISION)
+    if HAS_WINDOW:
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_ok, L,
+                           lo, clean_lo, qk_scale, sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                           MASK_D, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_ok, L,
+                       clean_lo, clean_hi, qk_scale, sm_scale, softcap, window, False, CAUSAL, HAS_WINDOW,
+                       HAS_SOFTCAP, MASK_D, BLOCK_N, DOT_PRECISION)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_ok, L,
+                       clean_hi, hi, qk_scale, sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                       MASK_D, BLOCK_N, DOT_PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + tok_m[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=md_mask)
+    dq_ptrs = DQ + tok_m[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :]
+    if MASK_D:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
-                    d_mask, L, lo, hi, sm_scale, softcap, window,
+                    d_ok, L, lo, hi, qk_scale, sm_scale, softcap, window,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    MASK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_m = lo + tl.arange(0, BLOCK_M)
+    q_ptrs = q_base + offs_m[None, :].to(tl.int64) * stride_qt + offs_d[:, None]  # [D, M]
+    do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :]  # [M, D]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < L
+        m_ok = offs_m < L
+        q_t = _load(q_ptrs, m_ok[None, :], d_ok[:, None], MASK, MASK_D)
         if MASK:
-            row_mask = m_mask
+            lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * LOG2E
         else:
-            row_mask = offs_m >= 0  # all true: the block lies inside the sequence
-        tok = offs_m.to(tl.int64)
-        q_t = tl.load(q_base + tok[None, :] * stride_qt + offs_d[:, None],
-                      mask=row_mask[None, :] & d_mask[:, None], other=0.0)  # [D, M]
-        lse2 = tl.load(lse_base + offs_m, mask=row_mask, other=0.0) * LOG2E
-        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)  # [N, M]
-        if HAS_SOFTCAP:
-            t = _tanh(s_t * (sm_scale / softcap))
-            s2 = (softcap * LOG2E) * t
-        else:
-            s2 = s_t * (sm_scale * LOG2E)
-        p_t = tl.exp2(s2 - lse2[None, :])
+            lse2 = tl.load(lse_base + offs_m) * LOG2E
+        s_t, t = _scores(tl.dot(k, q_t, input_precision=DOT_PRECISION), qk_scale, sm_scale, softcap, HAS_SOFTCAP)
+        p_t = tl.exp2(s_t - lse2[None, :])  # [N, M]
         if MASK:
-            keep = m_mask[None, :]
-            if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            if HAS_WINDOW:
-                keep = keep & (offs_m[None, :] - offs_n[:, None] < window)
-            p_t = tl.where(keep, p_t, 0.0)
-        do = tl.load(do_base + tok[:, None] * stride_dot + offs_d[None, :],
-                     mask=row_mask[:, None] & d_mask[None, :], other=0.0)  # [M, D]
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        delta = tl.load(delta_base + offs_m, mask=row_mask, other=0.0)
+            p_t = tl.where(_band(offs_m[None, :], offs_n[:, None], L, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
+        do = _load(do_ptrs, m_ok[:, None], d_ok[None, :], MASK, MASK_D)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if MASK:
+            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        else:
+            delta = tl.load(delta_base + offs_m)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - t * t)
-        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
+        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qt
+        do_ptrs += BLOCK_M * stride_dot
     return dk, dv
 
 
@@ -303,7 +339,7 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0)  # causal: the first key blocks see the most queries and start first
     seq = tl.program_id(1)
     kvh = tl.program_id(2)
     start = tl.load(CU + seq)
@@ -311,14 +347,17 @@ def _bwd_dkdv_kernel(
     n0 = pid_n * BLOCK_N
     if n0 >= L:
         return
+    MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    n_mask = offs_n < L
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < L
     tok_n = (start + offs_n).to(tl.int64)
-    nd_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(K + tok_n[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], mask=nd_mask, other=0.0)
-    v = tl.load(V + tok_n[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], mask=nd_mask, other=0.0)
+    k = _load(K + tok_n[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], n_ok[:, None], d_ok[None, :],
+              True, MASK_D)
+    v = _load(V + tok_n[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :], n_ok[:, None], d_ok[None, :],
+              True, MASK_D)
+    qk_scale = sm_scale * LOG2E
 
     # query-block ranges: [lo, clean_lo) masked, [clean_lo, clean_hi) unmasked, [clean_hi, hi) masked
     n_last = tl.minimum(n0 + BLOCK_N, L) - 1
@@ -335,6 +374,7 @@ def _bwd_dkdv_kernel(
         clean_hi = tl.minimum(clean_hi, (n0 + window) // BLOCK_M * BLOCK_M)  # m0 + BLOCK_M - 1 - n0 < window
     clean_lo = tl.minimum(clean_lo, hi)
     clean_hi = tl.maximum(tl.minimum(clean_hi, hi), clean_lo)
+    # keys past the end (zeros) in an unmasked block only touch their own dK/dV rows, which are never stored
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -345,59 +385,89 @@ def _bwd_dkdv_kernel(
         lse_base = LSE + h.to(tl.int64) * total + start
         delta_base = DELTA + h.to(tl.int64) * total + start
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 offs_n, offs_d, d_mask, L, lo, clean_lo, sm_scale, softcap, window, True, CAUSAL,
-                                 HAS_WINDOW, HAS_SOFTCAP, BLOCK_M, DOT_PRECISION)
+                                 offs_n, offs_d, d_ok, L, lo, clean_lo, qk_scale, sm_scale, softcap, window, True,
+                                 CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 offs_n, offs_d, d_mask, L, clean_lo, clean_hi, sm_scale, softcap, window, False,
-                                 CAUSAL, HAS_WINDOW, HAS_SOFTCAP, BLOCK_M, DOT_PRECISION)
+                                 offs_n, offs_d, d_ok, L, clean_lo, clean_hi, qk_scale, sm_scale, softcap, window,
+                                 False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M, DOT_PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot,
-                                 offs_n, offs_d, d_mask, L, clean_hi, hi, sm_scale, softcap, window, True, CAUSAL,
-                                 HAS_WINDOW, HAS_SOFTCAP, BLOCK_M, DOT_PRECISION)
+                                 offs_n, offs_d, d_ok, L, clean_hi, hi, qk_scale, sm_scale, softcap, window, True,
+                                 CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M, DOT_PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + tok_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=nd_mask)
-    tl.store(DV + tok_n[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :], dv.to(DV.dtype.element_ty),
-             mask=nd_mask)
+    dk_ptrs = DK + tok_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
+    dv_ptrs = DV + tok_n[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
+    if MASK_D:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=n_ok[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=n_ok[:, None])
 
 
 # --- launch configuration ------------------------------------------------------------------------------------
+
+KERNELS = ("fwd", "dkdv", "dq")
+TABLE_PATH = Path(__file__).resolve().parent.parent / "attention_kernel_table.json"
+LONG_SEQLEN = 2048  # max_seqlen above this uses the table's "long" entries (dense rows), else "short" (packed)
+
+# bf16/fp16 on an sm_80/sm_90 card not in the table. BLOCK_M is the query block and BLOCK_N the key block of
+# every kernel; shared memory (~227 KB on an H100) holds the streamed operand per stage.
+_DEFAULTS = {
+    ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("fwd", 256): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("dkdv", 64): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=4),
+    ("dkdv", 128): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
+    ("dkdv", 256): dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+    ("dq", 64): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
+    ("dq", 128): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+    ("dq", 256): dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+}
+_FLOAT32 = {  # float32 inputs (tests, fp32 training) take smaller blocks
+    ("fwd", 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("fwd", 128): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("fwd", 256): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("dkdv", 64): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+    ("dkdv", 128): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("dkdv", 256): dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2),
+    ("dq", 64): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("dq", 128): dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2),
+    ("dq", 256): dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=2),
+}
+# Triton's CPU interpreter: small blocks, so that short test sequences span several of them
+_INTERPRETER = {"fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
+                "dkdv": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+                "dq": dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)}
+
 
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def fwd_config(head_dim: int, device_type: str, element_size: int = 2) -> dict:
-    """BLOCK_M (queries), BLOCK_N (keys), warps, stages of the forward kernel. Shared memory on an H100 is
-    ~227 KB: Q [BLOCK_M, D] plus K and V [BLOCK_N, D] per stage; float32 inputs (tests) take smaller blocks."""
-    if device_type != "cuda":  # Triton's CPU interpreter: small blocks so short test sequences span several
-        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+def _dim_class(head_dim: int) -> int:
     d = block_d(head_dim)
-    if element_size > 2:
-        if d <= 128:
-            return dict(BLOCK_M=64, BLOCK_N=64 if d <= 64 else 32, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-    if d <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if d <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
-def bwd_config(head_dim: int, device_type: str, element_size: int = 2) -> dict:
-    """BLOCK_M (queries), BLOCK_N (keys), warps, stages of both backward kernels (the dK/dV kernel keeps K, V
-    [BLOCK_N, D] and streams Q, dO [BLOCK_M, D] per stage)."""
-    if device_type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)
-    d = block_d(head_dim)
-    if element_size > 2:
-        if d <= 128:
-            return dict(BLOCK_M=32, BLOCK_N=64 if d <= 64 else 32, num_warps=4, num_stages=2)
-        return dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=2)
-    if d <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    if d <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-    return dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+def table_key(kernel: str, head_dim: int, element_size: int, max_seqlen: int) -> str:
+    bucket = "long" if max_seqlen > LONG_SEQLEN else "short"
+    return f"{kernel}/d{_dim_class(head_dim)}/{8 * element_size}bit/{bucket}"
+
+
+def kernel_config(kernel: str, head_dim: int, device: torch.device, element_size: int = 2,
+                  max_seqlen: int = 0) -> dict:
+    """BLOCK_M (queries), BLOCK_N (keys), num_warps, num_stages of ``kernel`` ("fwd", "dkdv" or "dq")."""
+    if device.type != "cuda":
+        return dict(_INTERPRETER[kernel])
+    from fastsft.backends import card_name, load_table
+
+    card = card_name(device.index if device.index is not None else torch.cuda.current_device())
+    tuned = load_table(TABLE_PATH).get("cards", {}).get(card, {}).get(
+        table_key(kernel, head_dim, element_size, max_seqlen))
+    if tuned is not None:
+        return dict(tuned)
+    defaults = _FLOAT32 if element_size > 2 else _DEFAULTS
+    return dict(defaults[(kernel, _dim_class(head_dim))])
 
 
 def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -417,6 +487,49 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs: no TF32 rounding
 
 
+def _flags(q, causal, window, softcap, cfg):
+    return dict(HEAD_DIM=q.shape[-1], CAUSAL=causal, HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d(q.shape[-1]),
+                DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+
+# The launchers take explicit configs so that the tuner (bench/tune_attention.py) can time each kernel alone.
+
+def launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg):
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, q.shape[1])
+    wrap_triton(_flash_fwd_kernel)[grid](
+        q, k, v, out, lse, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        q.shape[0], q.shape[1] // k.shape[1], softmax_scale, softcap, window, **_flags(q, causal, window, softcap, cfg))
+
+
+def launch_preprocess(out, dout, delta):
+    total, hq, d = out.shape
+    pre_m = 64 if out.device.type == "cuda" else 32
+    wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(total, pre_m), hq)](
+        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
+        HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d(d), num_warps=4)
+
+
+def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap,
+                cfg):
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), cu_seqlens.shape[0] - 1, k.shape[1])
+    wrap_triton(_bwd_dkdv_kernel)[grid](
+        q, k, v, dout, dk, dv, lse, delta, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        q.shape[0], q.shape[1] // k.shape[1], softmax_scale, softcap, window, **_flags(q, causal, window, softcap, cfg))
+
+
+def launch_dq(dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg):
+    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, q.shape[1])
+    wrap_triton(_bwd_dq_kernel)[grid](
+        q, k, v, dout, dq, lse, delta, cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+        dq.stride(0), dq.stride(1),
+        q.shape[0], q.shape[1] // k.shape[1], softmax_scale, softcap, window, **_flags(q, causal, window, softcap, cfg))
+
+
 # --- ops -----------------------------------------------------------------------------------------------------
 
 @triton_op("fastsft::flash_attn_varlen_fwd_triton", mutates_args={})
@@ -428,22 +541,12 @@ def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     ``q``/``k``/``v`` need stride 1 in their last dim; ``window`` 0 and ``softcap`` 0 mean none; ``max_seqlen``
     must be at least the longest sequence (blocks are launched up to it)."""
     total, hq, d = q.shape
-    hkv = k.shape[1]
     out = _empty(q.shape, q)
     lse = _empty((hq, total), q, torch.float32)
-    num_seqs = cu_seqlens.shape[0] - 1
-    if total == 0 or num_seqs == 0 or max_seqlen <= 0 or _no_launch(q):
+    if total == 0 or cu_seqlens.shape[0] < 2 or max_seqlen <= 0 or _no_launch(q):
         return out, lse
-    cfg = fwd_config(d, q.device.type, q.element_size())
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), num_seqs, hq)
-    wrap_triton(_flash_fwd_kernel)[grid](
-        q, k, v, out, lse, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        total, hq // hkv, softmax_scale, softcap, window,
-        HEAD_DIM=d, CAUSAL=causal, HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d(d), DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    cfg = kernel_config("fwd", d, q.device, q.element_size(), max_seqlen)
+    launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg)
     return out, lse
 
 
@@ -455,37 +558,17 @@ def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     """Gradients (dq, dk, dv) of the forward above, given ``dout`` and the forward's ``out`` and ``lse``.
     Deterministic: no atomics, every element written by one program."""
     total, hq, d = q.shape
-    hkv = k.shape[1]
     dq = _empty(q.shape, q)
     dk = _empty(k.shape, k)
     dv = _empty(v.shape, v)
-    num_seqs = cu_seqlens.shape[0] - 1
-    if total == 0 or num_seqs == 0 or max_seqlen <= 0:
+    if total == 0 or cu_seqlens.shape[0] < 2 or max_seqlen <= 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     if _no_launch(q):
         return dq, dk, dv
     delta = _empty((hq, total), q, torch.float32)
-    cfg = bwd_config(d, q.device.type, q.element_size())
-    bd = block_d(d)
-    pre_m = 64 if q.device.type == "cuda" else 32
-    wrap_triton(_bwd_preprocess_kernel)[(triton.cdiv(total, pre_m), hq)](
-        out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
-        HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=bd, num_warps=4,
-    )
-    common = dict(HEAD_DIM=d, CAUSAL=causal, HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
-                  BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, DOT_PRECISION=_dot_precision(q.dtype),
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    group = hq // hkv
-    wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), num_seqs, hkv)](
-        q, k, v, dout, dk, dv, lse, delta, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        total, group, softmax_scale, softcap, window, **common,
-    )
-    wrap_triton(_bwd_dq_kernel)[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), num_seqs, hq)](
-        q, k, v, dout, dq, lse, delta, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dq.stride(0), dq.stride(1),
-        total, group, softmax_scale, softcap, window, **common,
-    )
+    launch_preprocess(out, dout, delta)
+    args = (cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
+    launch_dkdv(dout, q, k, v, lse, delta, dk, dv, *args,
+                kernel_config("dkdv", d, q.device, q.element_size(), max_seqlen))
+    launch_dq(dout, q, k, v, lse, delta, dq, *args, kernel_config("dq", d, q.device, q.element_size(), max_seqlen))
     return dq, dk, dv
