@@ -138,6 +138,11 @@ def make_flex(q, k, v, cu, lengths):
 
     global _flex_compiled
     if _flex_compiled is None:
+        # one compiled graph per shape and head dim: past dynamo's default recompile limit (8) flex would fall
+        # back to eager, which materializes the scores (a 16k row needs 32 GiB)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
         _flex_compiled = torch.compile(flex_attention, dynamic=False)
     T = q.shape[0]
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
