@@ -181,7 +181,9 @@ def main(argv=None) -> int:
         print(f"best {key}: {cfg} {ms:.4f} ms (default {default_ms})", flush=True)
     card = torch.cuda.get_device_name()
     if args.write_table:
-        path = fa.TABLE_PATH
+        from fastsft.backends import TABLE_PATH
+
+        path = TABLE_PATH.with_name(fa.TABLE_NAME)
         table = json.loads(path.read_text()) if path.exists() else {}
         table.setdefault("cards", {}).setdefault(card, {}).update({key: cfg for key, (cfg, _) in best.items()})
         path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")

@@ -237,6 +237,17 @@ def test_bad_input_is_rejected_clearly():
             fa(big, big, big, cu, m, backend="triton")
 
 
+def test_cu_seqlens_changed_in_place_is_checked_again():
+    """Layers share one cu_seqlens, so a tensor checked once is not checked again, unless it changed since."""
+    q, k, v = (torch.randn(7, 2, 8) for _ in range(3))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    flash_attention_varlen(q, k, v, cu, 4, backend="reference")
+    flash_attention_varlen(q, k, v, cu, 4, backend="reference")  # the cached pass
+    cu[1] = 5  # still from 0 to 7, but lengths 5 and 2 now exceed max_seqlen 4
+    with pytest.raises(ValueError, match="max_seqlen"):
+        flash_attention_varlen(q, k, v, cu, 4, backend="reference")
+
+
 def _op_args(device, dtype=torch.float32, d=64):
     lengths = [1, 20, 9]
     q, k, v, cu, m = make_inputs(lengths, 4, 2, d, dtype, device)

@@ -10,6 +10,8 @@ The layout is flash-attn's varlen API: ``q`` [total_tokens, Hq, D], ``k``/``v`` 
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 
 import torch
 
@@ -94,11 +96,24 @@ def _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softc
         raise ValueError(f"{name}: softcap must be a positive number or None, got {softcap}")
 
 
+_last_checked = threading.local()
+
+
 def _check_cu_seqlens_values(cu_seqlens, total, max_seqlen):
     """0 = cu[0] <= cu[1] <= ... <= cu[-1] = total and every length <= max_seqlen. On the CPU a plain check;
-    on a GPU an asynchronous device assert (no host sync); skipped while compiling."""
+    on a GPU an asynchronous device assert (no host sync); skipped while compiling. Every layer of a model gets
+    the same cu_seqlens: a tensor checked last time, unchanged since (same version), is not checked again."""
     if torch.compiler.is_compiling():
         return
+    key = (cu_seqlens._version, total, max_seqlen)
+    last = getattr(_last_checked, "value", None)
+    if last is not None and last[0]() is cu_seqlens and last[1] == key:
+        return
+    _check_cu_seqlens_device_values(cu_seqlens, total, max_seqlen)
+    _last_checked.value = (weakref.ref(cu_seqlens), key)
+
+
+def _check_cu_seqlens_device_values(cu_seqlens, total, max_seqlen):
     lengths = cu_seqlens.diff()
     if cu_seqlens.device.type == "cpu":
         if cu_seqlens[0].item() != 0 or cu_seqlens[-1].item() != total:
@@ -128,10 +143,17 @@ def _reference_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale
 
 # --- triton backend ------------------------------------------------------------------------------------------
 
-def _kernels():
-    from fastsft.triton_kernels import flash_attention  # noqa: F401 (registers the fastsft:: ops)
+def _run(stage, *args):
+    """The forward or backward kernels: launched directly for eager calls on plain tensors, through the
+    ``fastsft::`` custom ops when compiling or tracing (those ops are what torch.compile sees)."""
+    from fastsft.triton_kernels import flash_attention as fa  # also registers the fastsft:: ops
 
-    return torch.ops.fastsft.flash_attn_varlen_fwd_triton, torch.ops.fastsft.flash_attn_varlen_bwd_triton
+    if not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in args[:4]):
+        with fa.direct_launch():
+            return (fa.attention_forward if stage == "fwd" else fa.attention_backward)(*args)
+    if stage == "fwd":
+        return torch.ops.fastsft.flash_attn_varlen_fwd_triton(*args)
+    return torch.ops.fastsft.flash_attn_varlen_bwd_triton(*args)
 
 
 @backends.register(OP, "triton", available=backends.triton_available)
@@ -152,18 +174,16 @@ def _last_dim_contiguous(t):
 class _FlashAttnVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap):
-        fwd, _ = _kernels()
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        out, lse = fwd(q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap)
+        out, lse = _run("fwd", q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
         ctx.args = (max_seqlen, scale, causal, window, softcap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        _, bwd = _kernels()
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         max_seqlen, scale, causal, window, softcap = ctx.args
-        dq, dk, dv = bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal, window,
-                         softcap)
+        dq, dk, dv = _run("bwd", dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal,
+                          window, softcap)
         return dq, dk, dv, None, None, None, None, None, None
