@@ -23,6 +23,8 @@ _LAZY = {
     "SFTConfig": "fastsft.trainer",
     "FastLanguageModel": "fastsft.facade",
     "is_bfloat16_supported": "fastsft.facade",
+    "enable_offloaded_checkpointing": "fastsft.offload_checkpointing",
+    "disable_offloaded_checkpointing": "fastsft.offload_checkpointing",
 }
 
 __all__ = ["__version__", "backends", "ops", *_LAZY]

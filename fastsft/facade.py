@@ -79,7 +79,8 @@ class FastLanguageModel:
         """Wrap ``model`` with a LoRA adapter (``peft.get_peft_model``) and set up gradient checkpointing.
 
         ``use_gradient_checkpointing``: ``True`` (transformers' checkpointing), ``"unsloth"`` (non-reentrant
-        checkpointing here; activations stay on the GPU), ``False``. ``"offload"`` is not implemented yet.
+        checkpointing here; activations stay on the GPU), ``"offload"`` (non-reentrant, each decoder layer's input
+        kept in pinned CPU memory until its backward: :func:`fastsft.enable_offloaded_checkpointing`), ``False``.
         ``random_state`` seeds the adapter's initialization. Other keywords must be ``peft.LoraConfig`` fields
         (``use_dora``, ``rank_pattern``, ...); anything else raises a ``TypeError`` naming it.
         """
@@ -94,10 +95,7 @@ class FastLanguageModel:
                                       f"({_ISSUE}); pass loftq_config=None")
         lora_fields = {f.name for f in fields(LoraConfig)} - {"task_type", "peft_type", "target_modules", "r"}
         _reject_kwargs("FastLanguageModel.get_peft_model", {k: v for k, v in kwargs.items() if k not in lora_fields})
-        if use_gradient_checkpointing == "offload":
-            raise NotImplementedError(f"use_gradient_checkpointing='offload' (activations offloaded to CPU memory) "
-                                      f"is not implemented yet ({_ISSUE}); use 'unsloth' or True")
-        if use_gradient_checkpointing not in (True, False, "unsloth"):
+        if use_gradient_checkpointing not in (True, False, "unsloth", "offload"):
             raise ValueError(f"use_gradient_checkpointing must be True, False, 'unsloth' or 'offload', got "
                              f"{use_gradient_checkpointing!r}")
         if max_seq_length is not None:
@@ -111,7 +109,12 @@ class FastLanguageModel:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        if use_gradient_checkpointing:
+        if use_gradient_checkpointing == "offload":
+            from fastsft.offload_checkpointing import enable_offloaded_checkpointing
+
+            enable_offloaded_checkpointing(model)  # stays offloaded when a trainer enables checkpointing again
+            model.config.use_cache = False
+        elif use_gradient_checkpointing:
             reentrant = use_gradient_checkpointing is True
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             model.config.use_cache = False

@@ -22,6 +22,7 @@ import trl
 
 from fastsft import patching
 from fastsft.callbacks import ThroughputCallback
+from fastsft.offload_checkpointing import offload_on_enable
 
 __all__ = ["SFTConfig", "SFTTrainer"]
 
@@ -79,10 +80,48 @@ class SFTConfig(trl.SFTConfig):
     ``max_seq_length`` (-> ``max_length``), ``evaluation_strategy`` (-> ``eval_strategy``), ``no_cuda``
     (-> ``use_cpu``), ``push_to_hub_token``, ``per_gpu_*_batch_size``; and ignores, with a warning, names that
     no longer do anything (``overwrite_output_dir``, ``include_tokens_per_second``, ``dataset_batch_size``, ...).
+
+    ``gradient_checkpointing="offload"``: offloaded checkpointing (:mod:`fastsft.offload_checkpointing`). TRL and
+    transformers see ``gradient_checkpointing=True``; ``gradient_checkpointing_offload`` is then True.
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **_map_config_kwargs(kwargs, "SFTConfig"))
+        kwargs = _map_config_kwargs(kwargs, "SFTConfig")
+        offload = _is_offload(kwargs.get("gradient_checkpointing"), kwargs.get("gradient_checkpointing_kwargs"),
+                              "SFTConfig")
+        if offload:
+            kwargs["gradient_checkpointing"] = True
+        super().__init__(*args, **kwargs)
+        self.gradient_checkpointing_offload = offload
+
+
+def _is_offload(gradient_checkpointing, gradient_checkpointing_kwargs, where: str) -> bool:
+    """Whether ``gradient_checkpointing`` asks for offloaded checkpointing; any other string is an error, as is
+    offloading with reentrant checkpointing."""
+    if not isinstance(gradient_checkpointing, str):
+        return False
+    if gradient_checkpointing != "offload":
+        raise ValueError(f"{where}(gradient_checkpointing={gradient_checkpointing!r}): expected True, False or "
+                         f"'offload'")
+    if isinstance(gradient_checkpointing_kwargs, dict) and gradient_checkpointing_kwargs.get("use_reentrant"):
+        raise ValueError(f"{where}(gradient_checkpointing='offload') needs non-reentrant checkpointing: drop "
+                         f"use_reentrant=True from gradient_checkpointing_kwargs")
+    return True
+
+
+def _take_offload(args):
+    """``(args, offload)``: whether ``args`` asks for offloaded checkpointing (a :class:`SFTConfig` that did, or
+    the string ``"offload"`` on any config), with the string replaced by True in a copy for TRL."""
+    if args is None:
+        return args, False
+    if getattr(args, "gradient_checkpointing_offload", False):
+        _is_offload("offload", args.gradient_checkpointing_kwargs, "SFTTrainer: args")
+        return args, True
+    if not _is_offload(args.gradient_checkpointing, args.gradient_checkpointing_kwargs, "SFTTrainer: args"):
+        return args, False
+    args = copy.copy(args)  # the caller's config object is left as it was
+    args.gradient_checkpointing = True
+    return args, True
 
 
 def _map_trainer_kwargs(model, args, kwargs: dict):
@@ -119,10 +158,12 @@ def _map_trainer_kwargs(model, args, kwargs: dict):
 class SFTTrainer(trl.SFTTrainer):
     """``trl.SFTTrainer`` that patches the model with :func:`fastsft.patch` (a model object, a PEFT model, or a
     path/hub id that TRL loads). ``patch``: ``True`` (default switches), ``False`` (plain TRL), or a dict of
-    :func:`fastsft.patch` keyword arguments. The report is ``trainer.patch_report`` (None when not patched)."""
+    :func:`fastsft.patch` keyword arguments. The report is ``trainer.patch_report`` (None when not patched).
+    ``gradient_checkpointing="offload"`` in ``args`` offloads the checkpointed layer inputs to CPU memory."""
 
     def __init__(self, model, args=None, *positional, patch: bool | dict = True, **kwargs):
         args, kwargs = _map_trainer_kwargs(model, args, kwargs)
+        args, offload = _take_offload(args)
         if not isinstance(patch, (bool, dict)):
             raise TypeError(f"SFTTrainer(patch=...) takes a bool or a dict of fastsft.patch options, got "
                             f"{type(patch).__name__}")
@@ -135,6 +176,10 @@ class SFTTrainer(trl.SFTTrainer):
         super().__init__(model, args, *positional, **kwargs)
         # tokens/s and peak memory in every training log, ahead of the reporting callbacks that write the logs out
         self.callback_handler.callbacks.insert(0, ThroughputCallback())
+        if offload:
+            # transformers' Trainer enables checkpointing in train(), not here: the offloading is installed by that
+            # call (and any later one)
+            offload_on_enable(self.model)
         if patch is False:
             return
         causal_lm = patching.causal_lm_of(self.model)

@@ -75,7 +75,6 @@ def test_random_state_seeds_the_adapter(model_dir):
 
 
 @pytest.mark.parametrize("kwargs, error, named", [
-    ({"use_gradient_checkpointing": "offload"}, NotImplementedError, "offload"),
     ({"use_gradient_checkpointing": "yes"}, ValueError, "use_gradient_checkpointing"),
     ({"loftq_config": {"loftq_bits": 4}}, NotImplementedError, "loftq_config"),
     ({"temporary_location": "/tmp/x"}, TypeError, "temporary_location"),
