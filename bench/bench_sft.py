@@ -1,19 +1,35 @@
 """End-to-end SFT: stock TRL, TRL with Liger, and fastsft, each in its own process on the same GPU.
 
     python -m bench.bench_sft --model llama-1b --providers trl,trl-liger,fastsft --packing --out bench/results
+    python -m bench.bench_sft --model llama-8b --packing --seq-len 8192 --batch 1 --qlora
 
 The setup follows ../shared/docs/ANCHORS.md: random-init weights in the shape of a real model, bf16, LoRA r=16,
 alpha 16, dropout 0 on q,k,v,o,gate,up,down, AdamW, SDPA attention, non-reentrant gradient checkpointing;
 synthetic chat rows (user 20-300 words, assistant 50-1200 words, at 1.3 tokens a word) pre-tokenized with an
 assistant mask, so only assistant tokens carry the loss. Tokens/s counts non-padding input tokens after the
 warm-up steps, with the GPU synchronized at each step's end. Peak memory is the largest allocation of the run.
-The first steps' losses are recorded: the providers must agree on them.
+The first steps' losses are recorded: the providers must agree on them. ``--qlora`` saves the random model once
+and has every provider load it in 4 bits (bitsandbytes NF4, double quantization, bf16 compute: the config of
+``fastsft.load(..., load_in_4bit=True)``).
+
+Utilization (:func:`flop_per_token`), against the card's bf16 matmul rate measured in the same run (8192^3,
+before the providers start):
+- ``mfu`` counts model FLOPs per token: forward 2·N and input gradients 2·N for the frozen base weights (N the
+  parameters of every linear layer and of the LM head, computed on every token; no weight gradients), 6·r·(in +
+  out) for each LoRA adapter (forward, input and weight gradients), and causal attention over the pairs inside
+  each example (forward 4·head_dim·heads per pair and layer, backward 2.5x the forward), with the example lengths
+  of the generated data standing in for the batches actually timed (packing keeps examples apart).
+- ``hfu`` adds what gradient checkpointing recomputes: the decoder layers' forward once more (2·N of the layers,
+  the adapters' and attention's forward). This is the "checkpointed FLOP limit" of ANCHORS.md (Llama-3.1-8B at
+  2048 tokens: about 46 GFLOP per token, 32 without the recomputation); without checkpointing hfu = mfu.
+Embeddings, norms, activations, the optimizer and NF4 dequantization count nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,9 +75,32 @@ def make_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def make_model(name: str, device: str):
+def flop_per_token(name: str, lengths: list[int], *, rank: int = 16, checkpointing: bool = True) -> dict:
+    """Model and hardware FLOPs per trained token of LoRA (rank ``rank``) on every decoder linear layer of model
+    ``name``, frozen base, over examples of ``lengths`` tokens (see the module docstring)."""
+    hidden, inter, layers, heads, kv, vocab, _ = MODELS[name]
+    head_dim = hidden // heads
+    shapes = [(hidden, heads * head_dim), (hidden, kv * head_dim), (hidden, kv * head_dim),
+              (heads * head_dim, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    base = layers * sum(i * o for i, o in shapes)
+    adapters = layers * rank * sum(i + o for i, o in shapes)
+    pairs_per_token = sum(n * (n + 1) // 2 for n in lengths) / sum(lengths)
+    attention = layers * 4 * head_dim * heads * pairs_per_token  # forward
+    model = 4 * (base + hidden * vocab) + 6 * adapters + 3.5 * attention
+    recompute = 2 * base + 2 * adapters + attention if checkpointing else 0
+    return {"model": model, "hardware": model + recompute, "attention_pairs_per_token": pairs_per_token}
+
+
+def make_model(name: str, device: str, checkpoint: Path | None = None):
+    """The random-init model; from ``checkpoint`` in 4-bit NF4 when given (``--qlora``)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if checkpoint is not None:
+        from fastsft.loading import _nf4_config  # the BitsAndBytesConfig of fastsft.load(load_in_4bit=True)
+
+        return LlamaForCausalLM.from_pretrained(checkpoint, quantization_config=_nf4_config(), dtype=torch.bfloat16,
+                                                device_map={"": device})
 
     hidden, inter, layers, heads, kv, vocab, tie = MODELS[name]
     config = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
@@ -105,9 +144,9 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
         from fastsft import SFTConfig, SFTTrainer
     else:
         from trl import SFTConfig, SFTTrainer
-    model = make_model(a.model, device)
+    model = make_model(a.model, device, a.checkpoint)
     steps = a.warmup + a.steps
-    rows_needed = steps * a.batch * (3 if a.packing else 1) + 8
+    rows_needed = steps * a.batch * rows_per_sequence(a) + 8
     data = Dataset.from_list(make_rows(rows_needed, model.config.vocab_size, a.max_length))
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
@@ -128,7 +167,7 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     (s0, t0, n0), (s1, t1, n1) = clock.marks[a.warmup - 1], clock.marks[-1]
-    result = {"provider": provider, "model": a.model, "packing": a.packing, "batch": a.batch,
+    result = {"provider": provider, "model": a.model, "packing": a.packing, "qlora": a.qlora, "batch": a.batch,
               "max_length": a.max_length, "checkpointing": a.checkpointing, "steps_timed": s1 - s0,
               "tokens_per_s": (n1 - n0) / (t1 - t0), "first_losses": losses[:5]}
     if device == "cuda":
@@ -136,49 +175,119 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
     return result
 
 
+def rows_per_sequence(a: argparse.Namespace) -> int:
+    """Examples a training sequence takes: one, or as many as packing fits (they average about 1,000 tokens)."""
+    return max(3, math.ceil(a.max_length / 700)) if a.packing else 1
+
+
+def matmul_tflops() -> float | None:
+    """The card's bf16 matmul rate, measured now; None without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from bench.bench_linear_cross_entropy import matmul_tflops as measure
+
+    rate = measure()
+    torch.cuda.empty_cache()
+    return rate
+
+
+def save_random_checkpoint(name: str, path: Path) -> None:
+    """The random-init bf16 model written once, for every provider to load in 4 bits."""
+    import torch
+
+    model = make_model(name, "cuda")
+    model.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+
+
+def utilization(row: dict, flop: dict, tflops: float | None) -> dict:
+    """GFLOP per token and, with a measured matmul rate, MFU and HFU of a provider's row."""
+    out = {"gflop_per_token": flop["model"] / 1e9, "hardware_gflop_per_token": flop["hardware"] / 1e9}
+    if tflops and "tokens_per_s" in row:
+        out["mfu"] = flop["model"] * row["tokens_per_s"] / (tflops * 1e12)
+        out["hfu"] = flop["hardware"] * row["tokens_per_s"] / (tflops * 1e12)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="llama-1b")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--no-packing", dest="packing", action="store_false", help="the default")
+    parser.add_argument("--qlora", action="store_true", help="base weights in 4-bit NF4 (bitsandbytes; needs CUDA)")
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--max-length", "--seq-len", dest="max_length", type=int, default=2048,
+                        help="tokens per sequence (8192 at most: the models' positions)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--name", default=None, help="result file name (default: sft_<model>[_packing])")
+    parser.add_argument("--name", default=None,
+                        help="result file name (default: sft_<model>[_packing][_qlora][_<seq len>])")
     parser.add_argument("--single", choices=PROVIDERS, help=argparse.SUPPRESS)  # child process mode
     parser.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)  # --qlora: the saved random model
     a = parser.parse_args(argv)
     if a.single:
         a.result_json.write_text(json.dumps(run_one(a.single, a)))
         return
+    if a.max_length > 8192:
+        parser.error("--seq-len: the models have 8192 positions")
 
     from bench import harness
 
-    rows = []
-    for provider in a.providers.split(","):
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, "-m", "bench.bench_sft", *(argv if argv is not None else sys.argv[1:]),
-                   "--single", provider, "--result-json", f.name]
-            start = time.time()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-            if proc.returncode == 0:
-                row = json.loads(Path(f.name).read_text())
-            else:
-                row = {"provider": provider, "error": proc.stderr.strip().splitlines()[-1][:300]
-                       if proc.stderr.strip() else f"exit {proc.returncode}"}
-                sys.stderr.write(proc.stderr[-3000:])
-            row["wall_s"] = time.time() - start
-            print(row, flush=True)
-            rows.append(row)
-    name = a.name or f"sft_{a.model}{'_packing' if a.packing else ''}"
+    # measured before any provider holds memory; the parent keeps only its CUDA context while they run
+    tflops = matmul_tflops()
+    if tflops:
+        print(f"bf16 matmul {tflops:.0f} TFLOP/s", flush=True)
+    lengths = [len(r["input_ids"]) for r in make_rows((a.warmup + a.steps) * a.batch * rows_per_sequence(a) + 8,
+                                                      MODELS[a.model][5], a.max_length)]
+    flop = flop_per_token(a.model, lengths, checkpointing=a.checkpointing)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra_args = []
+        if a.qlora:
+            if tflops is None:
+                parser.error("--qlora needs a CUDA GPU (bitsandbytes 4-bit)")
+            save_random_checkpoint(a.model, Path(tmp))
+            extra_args = ["--checkpoint", tmp]
+        rows = [run_child(provider, argv, extra_args) for provider in a.providers.split(",")]
+    for row in rows:
+        row.update(utilization(row, flop, tflops))
+    name = a.name or (f"sft_{a.model}{'_packing' if a.packing else ''}{'_qlora' if a.qlora else ''}"
+                      f"{'' if a.max_length == 2048 else f'_{a.max_length}'}")
     harness.write(rows, a.out, name,
-                  ["provider", "model", "packing", "batch", "tokens_per_s", "peak_GiB", "first_losses", "wall_s",
-                   "error"],
-                  f"SFT end to end: {a.model}, {'packing' if a.packing else 'no packing'}, batch {a.batch}, "
-                  f"max_length {a.max_length}, LoRA r=16, checkpointing {a.checkpointing}")
+                  ["provider", "model", "packing", "qlora", "batch", "max_length", "tokens_per_s", "mfu", "hfu",
+                   "peak_GiB", "first_losses", "wall_s", "error"],
+                  f"SFT end to end: {a.model}{', QLoRA' if a.qlora else ''}, "
+                  f"{'packing' if a.packing else 'no packing'}, batch {a.batch}, max_length {a.max_length}, LoRA r=16, "
+                  f"checkpointing {a.checkpointing}",
+                  extra={"matmul_tflops": tflops, "gflop_per_token": flop["model"] / 1e9,
+                         "hardware_gflop_per_token": flop["hardware"] / 1e9,
+                         "attention_pairs_per_token": flop["attention_pairs_per_token"],
+                         "flop_convention": "mfu: model FLOPs (frozen base: fwd + input grads, LoRA fwd + grads, "
+                                            "attention in-example pairs); hfu: plus checkpointing's recomputation"})
+
+
+def run_child(provider: str, argv, extra_args: list[str]) -> dict:
+    """One provider in its own process (a fresh CUDA context and allocator, no state from the others)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "bench.bench_sft", *(argv if argv is not None else sys.argv[1:]), *extra_args,
+               "--single", provider, "--result-json", f.name]
+        start = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode == 0:
+            row = json.loads(Path(f.name).read_text())
+        else:
+            row = {"provider": provider, "error": proc.stderr.strip().splitlines()[-1][:300]
+                   if proc.stderr.strip() else f"exit {proc.returncode}"}
+            sys.stderr.write(proc.stderr[-3000:])
+        row["wall_s"] = time.time() - start
+        print(row, flush=True)
+        return row
 
 
 if __name__ == "__main__":

@@ -20,9 +20,12 @@ from pathlib import Path
 CONFIG_KEYS = {"tokens", "chunk", "head_dim", "hq", "hkv", "num_seqs", "batch", "max_length", "steps_timed", "rank",
                "hidden", "intermediate", "rows", "cols", "seq"}
 # Measured fields and whether larger is better.
-HIGHER_IS_BETTER = {"tokens_per_s", "TFLOP/s", "GB/s", "fwd_tflops", "fwd_bwd_tflops", "gbps", "bandwidth_frac"}
+HIGHER_IS_BETTER = {"tokens_per_s", "TFLOP/s", "GB/s", "fwd_tflops", "fwd_bwd_tflops", "gbps", "bandwidth_frac", "mfu",
+                    "hfu"}
 LOWER_IS_BETTER_HINTS = ("ms", "GiB", "bytes", "vs_floor", "_s")
-SKIP_METRICS = {"ms_p20", "ms_p80", "matmul_tflops", "floor_ms", "wall_s", "copy_GBps"}
+# Spreads, the card's reference rates, bookkeeping of the kernel suite (rounds, ring) and the model's FLOP count.
+SKIP_METRICS = {"ms_p20", "ms_p80", "matmul_tflops", "floor_ms", "wall_s", "copy_GBps", "rounds", "ring",
+                "gflop_per_token", "hardware_gflop_per_token"}
 HEADLINE = {"file": "sft_llama-8b_packing.json", "provider": "fastsft", "tokens_per_s": 11_000, "peak_GiB": 16.0}
 
 
@@ -124,12 +127,19 @@ def headline(results) -> list[str]:
         return lines + [f"The run on {env.get('card')} has no successful fastsft row.", ""]
     r = ours[0]
     lines.append(f"Measured on {env.get('card')} (commit {env.get('commit')}): {r['tokens_per_s']:,.0f} tok/s "
-                 f"({r['tokens_per_s'] / HEADLINE['tokens_per_s']:.0%} of the goal), peak {r.get('peak_GiB', 0):.1f} GiB.")
+                 f"({r['tokens_per_s'] / HEADLINE['tokens_per_s']:.0%} of the goal), "
+                 f"peak {r.get('peak_GiB', 0):.1f} GiB{_utilization(r)}.")
     for other in rows:
         if other is not r and "tokens_per_s" in other:
             lines.append(f"- {other['provider']} in the same run: {other['tokens_per_s']:,.0f} tok/s, "
-                         f"peak {other.get('peak_GiB', 0):.1f} GiB")
+                         f"peak {other.get('peak_GiB', 0):.1f} GiB{_utilization(other)}")
     return lines + [""]
+
+
+def _utilization(row: dict) -> str:
+    """MFU and HFU as bench_sft measured them (absent in older results)."""
+    parts = [f"{key.upper()} {row[key]:.0%}" for key in ("mfu", "hfu") if isinstance(row.get(key), (int, float))]
+    return ", " + ", ".join(parts) if parts else ""
 
 
 def report(results_dir: Path) -> Path:

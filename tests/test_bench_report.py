@@ -19,15 +19,16 @@ def test_report_writes_csv_results_and_plots(tmp_path):
               [{"provider": "a", "tokens": 4096, "weight": "frozen", "ms": 10.0, "peak_extra_GiB": 0.2},
                {"provider": "b", "tokens": 4096, "weight": "frozen", "ms": 12.0, "peak_extra_GiB": 3.0}])
     write_run(tmp_path / "sft_llama-8b_packing.json",
-              [{"provider": "fastsft", "model": "llama-8b", "tokens_per_s": 5500.0, "peak_GiB": 15.0},
+              [{"provider": "fastsft", "model": "llama-8b", "tokens_per_s": 5500.0, "peak_GiB": 15.0, "mfu": 0.25,
+                "hfu": 0.36, "gflop_per_token": 32.2},
                {"provider": "trl", "model": "llama-8b", "tokens_per_s": 4000.0, "peak_GiB": 17.9}])
     out = report.report(tmp_path)
     text = out.read_text()
     assert "do not edit by hand" in text
-    assert "5,500 tok/s (50% of the goal)" in text
+    assert "5,500 tok/s (50% of the goal), peak 15.0 GiB, MFU 25%, HFU 36%." in text
     assert "trl in the same run: 4,000 tok/s" in text
     rows = (tmp_path / "all_rows.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4 + 4  # header, 2 metrics x 2 rows per file
+    assert len(rows) == 1 + 4 + 4 + 2  # header, 2 metrics x 2 rows per file, MFU and HFU (not the FLOP count)
     assert (tmp_path / "plots" / "linear_cross_entropy_ms.png").stat().st_size > 1000
 
 

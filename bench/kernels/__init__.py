@@ -1,0 +1,1 @@
+"""The kernel suite: pytest-benchmark, one module per op, every provider in one run (see bench/README.md)."""

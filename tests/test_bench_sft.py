@@ -1,0 +1,44 @@
+"""bench.bench_sft: the FLOP count behind MFU/HFU, and a tiny CPU run of the whole command."""
+
+import json
+
+import pytest
+
+from bench import bench_sft
+
+
+def test_flop_per_token_matches_the_anchors():
+    # ANCHORS.md: Llama-3.1-8B at 2048 tokens, LoRA r=16 on all linear layers: about 32 GFLOP per token, 46 with
+    # gradient checkpointing's recomputation
+    flop = bench_sft.flop_per_token("llama-8b", [2048] * 4)
+    assert flop["model"] / 1e9 == pytest.approx(32.2, abs=0.1)
+    assert flop["hardware"] / 1e9 == pytest.approx(46.7, abs=0.1)
+    assert flop["attention_pairs_per_token"] == 1024.5
+    plain = bench_sft.flop_per_token("llama-8b", [2048], checkpointing=False)
+    assert plain["hardware"] == plain["model"] == flop["model"]
+    # attention over the pairs inside each example: packed short examples cost less than one long row
+    short = bench_sft.flop_per_token("llama-8b", [512] * 4)
+    assert short["model"] < flop["model"]
+    assert bench_sft.flop_per_token("llama-8b", [2048], rank=0)["model"] < flop["model"]
+
+
+def test_utilization():
+    flop = {"model": 32e9, "hardware": 46e9}
+    row = {"tokens_per_s": 10_000.0}
+    out = bench_sft.utilization(row, flop, 800.0)
+    assert out["mfu"] == pytest.approx(0.4) and out["hfu"] == pytest.approx(0.575)
+    assert out["gflop_per_token"] == 32.0
+    assert "mfu" not in bench_sft.utilization(row, flop, None)  # no GPU, no rate
+    assert "mfu" not in bench_sft.utilization({"error": "x"}, flop, 800.0)
+
+
+@pytest.mark.slow
+def test_tiny_run_on_the_cpu(tmp_path):
+    bench_sft.main(["--model", "tiny", "--providers", "fastsft", "--warmup", "1", "--steps", "1", "--batch", "2",
+                    "--seq-len", "512", "--packing", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "sft_tiny_packing_512.json").read_text())
+    (row,) = data["rows"]
+    assert "error" not in row, row
+    assert row["tokens_per_s"] > 0 and row["max_length"] == 512 and row["qlora"] is False
+    assert row["gflop_per_token"] > 0 and "mfu" not in row  # no matmul rate without a GPU
+    assert data["gflop_per_token"] == row["gflop_per_token"]
