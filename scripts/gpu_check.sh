@@ -5,8 +5,10 @@
 #   scripts/gpu_check.sh OUTDIR [STAGE ...]
 #     stages: build test bench-lce bench-attention bench-norm bench-lora bench-nf4 demo (the default set),
 #             tune-attention (before bench-attention: measures and stores the attention kernels' launch
-#             configurations), bench-sft-1b bench-sft-8b
-# FASTSFT_TESTS picks test files; FASTSFT_BENCH_QUICK=1 the quick benchmark presets; FASTSFT_STAGE_TIMEOUT caps
+#             configurations), bench-offload, bench-kernels (the pytest-benchmark suite), bench-sft-1b
+#             bench-sft-8b
+# FASTSFT_TESTS picks test files and FASTSFT_TEST_MARK their marker expression (default: all tests);
+# FASTSFT_BENCH_QUICK=1 the quick benchmark presets; FASTSFT_STAGE_TIMEOUT caps
 # each stage (seconds, default 540).
 #
 # Fits one 10-minute call on an H100/H200 (build ~1-2 min with 16 cores). Bring the wheels that the GPU image
@@ -45,7 +47,7 @@ for s in $stages; do
   case $s in
     build) stage build env MAX_JOBS=16 FASTSFT_CUDA_ARCHS="80;90a" \
              python3 -m pip install --no-build-isolation --no-deps --no-index -v -e . ;;
-    test) stage test env FASTSFT_REQUIRE_EXTENSION=1 python3 -m pytest ${FASTSFT_TESTS:-tests} -q -p no:cacheprovider -m "gpu or not gpu" --durations=15 \
+    test) stage test env FASTSFT_REQUIRE_EXTENSION=1 python3 -m pytest ${FASTSFT_TESTS:-tests} -q -p no:cacheprovider -m "${FASTSFT_TEST_MARK:-gpu or not gpu}" --durations=15 \
              --junitxml="$out/pytest.xml" ;;
     bench-lce) stage bench-lce python3 -m bench.bench_linear_cross_entropy --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
@@ -59,6 +61,10 @@ for s in $stages; do
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
     bench-lora) stage bench-lora python3 -m bench.bench_lora --out "$out" ${FASTSFT_BENCH_QUICK:+--quick} ;;
     bench-nf4) stage bench-nf4 python3 -m bench.bench_nf4 --out "$out" ${FASTSFT_BENCH_QUICK:+--quick} ;;
+    bench-offload) stage bench-offload python3 -m bench.bench_offload --out "$out" ${FASTSFT_BENCH_QUICK:+--quick} ;;
+    bench-kernels) stage bench-kernels python3 -m pytest bench/kernels -q -p no:cacheprovider -rs \
+             --benchmark-json "$out/kernels.json" --benchmark-columns=median,rounds
+             python3 -m bench.kernels.collect "$out/kernels.json" --out "$out" >> "$out/bench-kernels.log" 2>&1 ;;
     demo) stage demo python3 -m fastsft demo --json "$out/demo.json" ;;
     bench-sft-1b) stage bench-sft-1b python3 -m bench.bench_sft --model llama-1b --packing --batch 4 --out "$out" ;;
     bench-sft-8b) stage bench-sft-8b python3 -m bench.bench_sft --model llama-8b --packing --batch 2 --out "$out" ;;
