@@ -455,3 +455,279 @@ def test_eligibility_follows_peft_state():
     assert "dropout" in lora_eligibility(dropped)
     dora = lora_modules(tiny_peft_model(use_dora=True))["q_proj"]
     assert "variant" in lora_eligibility(dora)
+
+
+# --- bitsandbytes NF4 base weights under PEFT's Linear4bit (QLoRA) -------------------------------------------------
+# The base weight both PEFT (through bitsandbytes) and the fused path compute with is the dequantized NF4 weight, so
+# the float64 reference is built from it: these tests measure the LoRA computation, not the quantization error.
+
+NF4_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # Llama 3 8B: attention, gate/up, down
+NF4_TOKENS = 2048
+MiB = 2**20
+
+
+def peft_nf4_linear(in_f, out_f, device, dtype=torch.bfloat16, *, r=16, alpha=32):
+    """A bitsandbytes ``Linear4bit`` quantized as ``fastsft.load(load_in_4bit=True)`` does (NF4, double quantization,
+    bfloat16 compute) under PEFT's LoRA ``Linear4bit`` (no dropout, random B); the weight is quantized when it moves
+    to ``device``, the adapters are in ``dtype``."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from fastsft.ops.lora import Bnb4bitWeight, lora_parts
+
+    w = (torch.randn(out_f, in_f, dtype=torch.float64) / in_f**0.5).to(dtype)
+    base = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                             quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4")
+    base = base.to(device)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=False)
+    module = LoraLinear4bit(base, "default", config=config, r=r, lora_alpha=alpha, lora_dropout=0.0,
+                            init_lora_weights=False)
+    module.lora_A["default"].to(device=device, dtype=dtype)
+    module.lora_B["default"].to(device=device, dtype=dtype)
+    assert base.weight.quant_state is not None and base.weight.dtype == torch.uint8  # really quantized
+    assert lora_eligibility(module) is None and module.scaling["default"] == alpha / r
+    assert isinstance(lora_parts(module, dtype)[0][0], Bnb4bitWeight)  # the fused path takes the 4-bit branch
+    return module
+
+
+def nf4_dense(module) -> torch.Tensor:
+    from fastsft.ops.lora import Bnb4bitWeight
+
+    return Bnb4bitWeight(module.base_layer.weight).dequantize()
+
+
+def adapter_weights(module):
+    return module.lora_A["default"].weight, module.lora_B["default"].weight
+
+
+def nf4_linear_case(module, x, backend):
+    """[out, dX, dA, dB] of the fused path, of PEFT's own forward (the same-dtype baseline) and of the float64
+    reference on the dequantized weight."""
+    a, b = adapter_weights(module)
+    (peft_outs, peft_grads), (outs, grads) = peft_and_fused(module, x, backend)
+    xd, wd, ad, bd = map(double, (x, nf4_dense(module), a, b))
+    want_outs, want_grads = grads_of(ref.lora_linear(xd, wd, ad, bd, module.scaling["default"]), (xd, ad, bd))
+    return [*outs, *grads], [*peft_outs, *peft_grads], [*want_outs, *want_grads]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_f,out_f", NF4_SHAPES, ids=[f"{i}x{o}" for i, o in NF4_SHAPES])
+def test_nf4_lora_linear_matches_peft_gpu(in_f, out_f):
+    """PEFT's Linear4bit fused: output and the gradients of x, A and B within 3x the error PEFT itself makes in
+    bfloat16 (the factor of the other bfloat16 tests: both round the same GEMM outputs once, the fused path adds the
+    adapter in float32 inside addmm_ where PEFT rounds it separately)."""
+    module = peft_nf4_linear(in_f, out_f, "cuda")
+    x = make_x((NF4_TOKENS, in_f), torch.bfloat16, "cuda")
+    got, baseline, want = nf4_linear_case(module, x, "triton")
+    for name, g, b, w in zip(("out", "dX", "dA", "dB"), got, baseline, want):
+        assert g.dtype == torch.bfloat16, name
+        assert_close_to_baseline(g, w, b, factor=3.0, name=f"nf4 {in_f}x{out_f} {name}")
+
+
+def nf4_mlp_case(hidden, inter, tokens, device):
+    """[out, dX, dA and dB of gate, up, down] of ``lora_mlp`` on three 4-bit projections, of Llama's MLP on PEFT's
+    layers ``down(silu(gate(x)) * up(x))`` (the same-dtype baseline), and of the float64 reference."""
+    from fastsft.ops.lora import lora_parts
+
+    mods = (peft_nf4_linear(hidden, inter, device), peft_nf4_linear(hidden, inter, device),
+            peft_nf4_linear(inter, hidden, device))
+    gate, up, down = mods
+    parts = [lora_parts(m, torch.bfloat16)[0] for m in mods]
+    x = make_x((tokens, hidden), torch.bfloat16, device)
+    adapters = [t for m in mods for t in adapter_weights(m)]
+    got = grads_of(lora_mlp(x, *parts, 2.0, "swiglu", backend="triton"), (x, *adapters))
+    baseline = grads_of(down(F.silu(gate(x)) * up(x)), (x, *adapters))
+    xd = double(x)
+    dense = [tuple(map(double, (nf4_dense(m), *adapter_weights(m)))) for m in mods]
+    want = grads_of(ref.lora_mlp(xd, *dense, 2.0, "swiglu"), (xd, *[t for p in dense for t in p[1:]]))
+    return [[*outs, *grads] for outs, grads in (got, baseline, want)]
+
+
+@pytest.mark.gpu
+def test_nf4_lora_mlp_matches_peft_gpu():
+    """The gated MLP with all three projections 4-bit (Llama 3 8B's sizes), same tolerance as the projections."""
+    names = ["out", "dX"] + [f"{p} d{t}" for p in ("gate", "up", "down") for t in "AB"]
+    for name, g, b, w in zip(names, *nf4_mlp_case(4096, 14336, NF4_TOKENS, "cuda")):
+        assert g.dtype == torch.bfloat16, name
+        assert_close_to_baseline(g, w, b, factor=3.0, name=f"nf4 mlp {name}")
+
+
+@pytest.mark.gpu
+def test_nf4_lora_linear_keeps_no_dequantized_weight_gpu(monkeypatch):
+    """The dequantized weight (112 MiB at 4096x14336 in bfloat16) is a temporary: after the forward the graph holds
+    the output and x @ A.T only, and forward and backward each have at most one dequantized weight alive at a time.
+    The bound's slack (16 MiB) covers bitsandbytes' dequantized absmax (3.5 MiB here) and the caching allocator
+    rounding a few blocks up by at most 1 MiB each; it is well under the weight itself."""
+    from fastsft.ops.lora import Bnb4bitWeight
+
+    in_f, out_f, r, T = 4096, 14336, 16, NF4_TOKENS
+    module = peft_nf4_linear(in_f, out_f, "cuda", r=r)
+    x = make_x((T, in_f), torch.bfloat16, "cuda")
+    dy = torch.randn(T, out_f, device="cuda", dtype=torch.bfloat16)
+    weight_bytes, out_bytes, slack = out_f * in_f * 2, T * out_f * 2, 16 * MiB
+    fused_lora_forward(module, x, backend="triton").backward(dy)  # warm-up: cuBLAS workspace, kernels loaded
+    params = [x, *adapter_weights(module)]
+    for p in params:
+        p.grad = None
+    calls = []
+    dequantize = Bnb4bitWeight.dequantize
+    monkeypatch.setattr(Bnb4bitWeight, "dequantize", lambda self: calls.append(1) or dequantize(self))
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fused_lora_forward(module, x, backend="triton")
+    kept = torch.cuda.memory_allocated() - before
+    forward_peak = torch.cuda.max_memory_allocated() - before
+    assert len(calls) == 1
+    assert kept < weight_bytes, f"the forward keeps {kept / MiB:.1f} MiB, a weight is {weight_bytes / MiB:.1f}"
+    assert kept <= out_bytes + T * r * 2 + slack, f"kept {kept / MiB:.1f} MiB beyond the output and x @ A.T"
+    assert forward_peak <= kept + weight_bytes + slack, f"forward peak {forward_peak / MiB:.1f} MiB"
+
+    torch.cuda.reset_peak_memory_stats()
+    out.backward(dy)
+    backward_peak = torch.cuda.max_memory_allocated() - before
+    assert len(calls) == 2  # dequantized once more for dX
+    # alive at most: the output, one dequantized weight, dX and the rank-r products and adapter gradients
+    assert backward_peak <= kept + weight_bytes + T * in_f * 2 + slack, f"backward peak {backward_peak / MiB:.1f} MiB"
+    del out
+    left = torch.cuda.memory_allocated() - before
+    grad_bytes = sum(p.numel() for p in params) * 2
+    assert left <= grad_bytes + slack, f"{left / MiB:.1f} MiB left after backward, gradients are {grad_bytes / MiB:.1f}"
+
+
+def nf4_llama_pair(tmp_path, device):
+    """A random two-layer Llama (hidden 512, bfloat16) saved and loaded back twice: in NF4 as ``fastsft.load``
+    quantizes, and dense in float32 with each quantized weight replaced by its dequantized value, so that the float32
+    model computes exactly what the 4-bit one approximates in bfloat16. Both get the same LoRA adapter on every
+    projection (r 16, alpha 32, no dropout, random B; PEFT keeps the adapters in float32)."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=256)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "llama")
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16)
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.bfloat16, quantization_config=nf4,
+                                                     device_map={"": 0 if device == "cuda" else "cpu"})
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).to(device)
+    from fastsft.ops.lora import Bnb4bitWeight
+
+    n4 = 0
+    for name, module in quantized.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            dense.get_submodule(name).weight.data.copy_(Bnb4bitWeight(module.weight).dequantize().float())
+            n4 += 1
+    assert n4 == 14  # every projection of both layers; lm_head stays dense
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+    quantized = get_peft_model(quantized, LoraConfig(**lora))
+    dense = get_peft_model(dense, LoraConfig(**lora))
+    adapters = {n: p for n, p in quantized.named_parameters() if p.requires_grad}
+    assert len(adapters) == 28 and all("lora_" in n for n in adapters)
+    for name, p in dense.named_parameters():
+        if p.requires_grad:
+            p.data.copy_(adapters[name].float())
+    # training mode, as in fine-tuning (no dropout anywhere: the same numbers); in eval mode bitsandbytes would repack
+    # CPU weights for its inference kernel on the first forward without grad (test_nf4_patch_report_follows_switch)
+    return quantized.train(), dense.train()
+
+
+def loss_logits_grads(model, ids):
+    adapters = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    out = model(input_ids=ids, labels=ids)
+    grads = torch.autograd.grad(out.loss, list(adapters.values()))
+    return out.loss.detach().double(), out.logits.detach(), dict(zip(adapters, grads))
+
+
+def nf4_patched_against_unpatched(tmp_path, device, monkeypatch):
+    """The 4-bit model unpatched (PEFT and bitsandbytes), then patched with the 4-bit LoRA switch on (the LoRA kernel
+    only, so every difference is the fused LoRA path), each against the float32 model on the dequantized weights."""
+    import fastsft
+    from fastsft.ops.lora import Bnb4bitWeight
+    from fastsft.patching.modules import LORA_4BIT_ENV
+
+    quantized, dense = nf4_llama_pair(tmp_path, device)
+    ids = torch.randint(0, 1024, (2, 128), device=device)
+    unpatched = loss_logits_grads(quantized, ids)
+    want = loss_logits_grads(dense, ids)
+
+    monkeypatch.setenv(LORA_4BIT_ENV, "1")
+    report = fastsft.patch(quantized, fused_cross_entropy=False, attention=False, rms_norm=False,
+                           gated_activation=False, rope=False, backend="triton")
+    assert "14 LoRA layers fused (14 on a 4-bit base)" in report.patched["lora"], str(report)
+    assert "2 MLPs (LoRA-fused without checkpointing)" in report.patched["lora"], str(report)
+    calls = []
+    dequantize = Bnb4bitWeight.dequantize
+    monkeypatch.setattr(Bnb4bitWeight, "dequantize", lambda self: calls.append(1) or dequantize(self))
+    patched = loss_logits_grads(quantized, ids)
+    # 14 in forward; 11 in backward: layer 0's q, k, v see a hidden state without gradient (frozen embeddings),
+    # so their dX, the only backward use of the weight in a projection, is not computed
+    assert len(calls) == 14 + 11, len(calls)
+    return patched, unpatched, want
+
+
+def check_nf4_llama(patched, unpatched, want):
+    """Loss, logits and all 28 adapter gradients of the patched 4-bit model within 3x the error of the unpatched one
+    against the float32 model on the same (dequantized) weights. PEFT computes the adapters in float32 and rounds
+    their output once; the fused path computes them in bfloat16 (one more rounding of A, B and x @ A.T, ~0.1% each),
+    which is small beside the bfloat16 rounding both accumulate through two layers. The loss, a scalar that may land
+    close to the reference by chance, gets a floor of 1e-3 relative (0.007: a fifth of a bfloat16 step at 6.9)."""
+    (loss, logits, grads), (base_loss, base_logits, base_grads), (ref_loss, ref_logits, ref_grads) = \
+        patched, unpatched, want
+    assert torch.isfinite(loss) and abs(loss - ref_loss) <= 3 * abs(base_loss - ref_loss) + 1e-3 * ref_loss, \
+        (loss.item(), base_loss.item(), ref_loss.item())
+    assert_close_to_baseline(logits, ref_logits, base_logits, factor=3.0, name="logits")
+    assert grads.keys() == ref_grads.keys() == base_grads.keys()
+    for name, g in grads.items():
+        assert g.dtype == torch.float32 and g.abs().sum() > 0, name
+        assert_close_to_baseline(g, ref_grads[name], base_grads[name], factor=3.0, name=name)
+
+
+@pytest.mark.gpu
+def test_nf4_llama_patched_matches_unpatched_gpu(tmp_path, monkeypatch):
+    check_nf4_llama(*nf4_patched_against_unpatched(tmp_path, "cuda", monkeypatch))
+
+
+def test_nf4_patch_report_follows_switch(tmp_path, monkeypatch):
+    """On the CPU (bitsandbytes 0.50 quantizes and dequantizes NF4 there): 4-bit LoRA layers are fused by default,
+    giving PEFT's logits, and left to PEFT, with the reason, when the switch turns them off."""
+    import fastsft
+    from fastsft.patching.modules import LORA_4BIT_ENV, LORA_4BIT_OFF
+
+    quantized, _ = nf4_llama_pair(tmp_path, "cpu")
+    ids = torch.randint(0, 1024, (1, 16))
+    with torch.no_grad():
+        unpatched = quantized(input_ids=ids).logits
+    monkeypatch.setenv(LORA_4BIT_ENV, "0")
+    report = fastsft.patch(quantized, fused_cross_entropy=False)
+    assert f"0 LoRA layers fused; left to PEFT: 14 ({LORA_4BIT_OFF})" in report.patched["lora"], str(report)
+    assert LORA_4BIT_ENV in LORA_4BIT_OFF
+    fastsft.unpatch(quantized)
+    monkeypatch.delenv(LORA_4BIT_ENV)
+    report = fastsft.patch(quantized, fused_cross_entropy=False, rms_norm=False, attention=False,
+                           gated_activation=False)
+    assert "14 LoRA layers fused (14 on a 4-bit base)" in report.patched["lora"], str(report)
+    assert "2 MLPs (LoRA-fused without checkpointing)" in report.patched["lora"], str(report)
+    assert "left to PEFT" not in report.patched["lora"]
+    with torch.no_grad():
+        fused = quantized(input_ids=ids).logits
+    # PEFT's base GEMM runs in bitsandbytes' bfloat16 compute dtype like the fused one; they differ where the
+    # adapters (float32 in PEFT, bfloat16 here) are rounded
+    assert_close(fused.float(), unpatched.float(), rtol=2e-2, name="logits")
+    assert not torch.equal(fused, unpatched)  # the fused path did run
+
+    # An eval-mode forward without grad through PEFT (unpatched) may repack the weights for bitsandbytes' CPU kernel,
+    # which dequantize_4bit cannot read: the patched layers must then leave them to PEFT, not compute garbage.
+    fastsft.unpatch(quantized)
+    quantized.eval()
+    with torch.no_grad():
+        evaluated = quantized(input_ids=ids).logits
+        fastsft.patch(quantized, fused_cross_entropy=False, rms_norm=False, attention=False, gated_activation=False)
+        assert_close(quantized(input_ids=ids).logits.float(), evaluated.float(), rtol=2e-2, name="eval logits")
+    fastsft.unpatch(quantized)

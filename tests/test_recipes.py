@@ -27,6 +27,15 @@ def precision(gpu: bool) -> dict:
     return dict(fp16=False, bf16=False, optim="adamw_torch")
 
 
+def check_gpu_run(trainer):
+    """The GPU variants really ran there, with the notebook's flags: the model on CUDA, the half precision the card
+    supports, bitsandbytes' 8-bit AdamW."""
+    args = trainer.args
+    assert args.optim == "adamw_8bit" and (args.bf16, args.fp16) == (is_bfloat16_supported(),
+                                                                      not is_bfloat16_supported())
+    assert next(trainer.model.parameters()).device.type == "cuda"
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert type(optimizer).__module__.startswith("bitsandbytes"), type(optimizer)
 
 
 def load_model(model_dir):
@@ -121,7 +130,7 @@ def test_recipe_basic(model_dir, tmp_path):
     assert values[-1] < values[0]
 
 
-def test_recipe_with_evaluation(model_dir, tmp_path):
+def with_evaluation(model_dir, tmp_path, gpu=False):
     model, tokenizer = load_model(model_dir)
     dataset = text_dataset(tokenizer, 48)
     split = dataset.train_test_split(test_size=8, seed=3407)
@@ -147,11 +156,17 @@ def test_recipe_with_evaluation(model_dir, tmp_path):
             output_dir=str(tmp_path / "outputs"),
             report_to="none",
             disable_tqdm=True,
-            **precision(False),
+            **precision(gpu),
         )
     trainer = SFTTrainer(model=model, tokenizer=tokenizer, train_dataset=split["train"],
                          eval_dataset=split["test"], args=args)
     trainer.train()
+    return trainer
+
+
+def check_evaluation(trainer):
+    """Evaluated every 2 of 6 steps, finite eval losses, the best checkpoint kept and loaded at the end."""
+    args = trainer.args
     assert args.eval_strategy == "steps" and args.max_length == 128
     eval_losses = [log["eval_loss"] for log in trainer.state.log_history if "eval_loss" in log]
     assert len(eval_losses) == 3 and all(math.isfinite(v) for v in eval_losses)
@@ -159,9 +174,22 @@ def test_recipe_with_evaluation(model_dir, tmp_path):
     best_step = 2 * (eval_losses.index(min(eval_losses)) + 1)
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best_step}")
     assert_trained(trainer, 6)
+    # load_best_model_at_end: the adapter in memory is the best checkpoint's, not the last step's
+    from safetensors.torch import load_file
+
+    saved = load_file(f"{trainer.state.best_model_checkpoint}/adapter_model.safetensors")
+    live = dict(trainer.model.named_parameters())
+    assert saved and all("lora_" in name for name in saved)
+    for name, tensor in saved.items():
+        param = live[name.replace(".weight", ".default.weight")]
+        assert torch.equal(param.detach().cpu().to(tensor.dtype), tensor), name
 
 
-def test_recipe_with_packing(model_dir, tmp_path):
+def test_recipe_with_evaluation(model_dir, tmp_path):
+    check_evaluation(with_evaluation(model_dir, tmp_path))
+
+
+def with_packing(model_dir, tmp_path, gpu=False):
     model, tokenizer = load_model(model_dir)
     dataset = text_dataset(tokenizer, 64)
     trainer = SFTTrainer(
@@ -182,7 +210,7 @@ def test_recipe_with_packing(model_dir, tmp_path):
             output_dir=str(tmp_path / "outputs"),
             report_to="none",
             disable_tqdm=True,
-            **precision(False),
+            **precision(gpu),
         ),
     )
     # packed: fewer rows than conversations, each at most max_length tokens, the documents' lengths recorded
@@ -190,15 +218,18 @@ def test_recipe_with_packing(model_dir, tmp_path):
     assert len(packed) < len(dataset) and "seq_lengths" in packed.column_names
     assert max(len(ids) for ids in packed["input_ids"]) <= 128
     assert sum(len(ids) for ids in packed["input_ids"]) > len(packed) * 64  # rows are well filled (> half)
+    assert max(len(lengths) for lengths in packed["seq_lengths"]) > 1  # some row holds several conversations
     trainer.train()
-    assert_trained(trainer, 4)
+    return trainer
 
 
-def test_recipe_with_monitoring(model_dir, tmp_path, monkeypatch):
+def test_recipe_with_packing(model_dir, tmp_path):
+    assert_trained(with_packing(model_dir, tmp_path), 4)
+
+
+def with_monitoring(model_dir, tmp_path, monkeypatch, gpu=False):
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -220,10 +251,17 @@ def test_recipe_with_monitoring(model_dir, tmp_path, monkeypatch):
             report_to=["tensorboard", "wandb"],
             run_name="recipe-monitoring",
             disable_tqdm=True,
-            **precision(False),
+            **precision(gpu),
         ),
     )
     trainer.train()
+    return trainer
+
+
+def check_monitoring(trainer, tmp_path):
+    """Throughput and peak memory in every log; the same scalars in TensorBoard's event file; a wandb offline run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     assert_trained(trainer, 3)
     logged = [log for log in trainer.state.log_history if "loss" in log]
     assert all(log["tokens_per_second"] > 0 and log["peak_memory_gb"] > 0 for log in logged)
@@ -245,10 +283,44 @@ def test_recipe_with_monitoring(model_dir, tmp_path, monkeypatch):
     assert list(runs[0].glob("run-*.wandb")), list(runs[0].iterdir())
 
 
+def test_recipe_with_monitoring(model_dir, tmp_path, monkeypatch):
+    check_monitoring(with_monitoring(model_dir, tmp_path, monkeypatch), tmp_path)
+
+
+# --- the same recipes with the notebooks' own flags (bf16 or fp16 by support, 8-bit AdamW from bitsandbytes) ------
+
 @pytest.mark.gpu
 def test_recipe_basic_gpu_notebook_flags(model_dir, tmp_path):
     """The notebook's own precision flags and 8-bit AdamW (bitsandbytes, CUDA)."""
     pytest.importorskip("bitsandbytes")
     trainer, _ = basic(model_dir, tmp_path, gpu=True)
-    assert trainer.args.optim == "adamw_8bit"
+    check_gpu_run(trainer)
     assert_trained(trainer, 6)
+    # the three last steps against the three first: the CPU run drops 0.015 this way, and half-precision noise
+    # on a single step's loss (a few 1e-3) would blur a first-against-last comparison
+    values = losses(trainer)
+    assert sum(values[3:]) < sum(values[:3]), values
+
+
+@pytest.mark.gpu
+def test_recipe_with_evaluation_gpu_notebook_flags(model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    trainer = with_evaluation(model_dir, tmp_path, gpu=True)
+    check_gpu_run(trainer)
+    check_evaluation(trainer)
+
+
+@pytest.mark.gpu
+def test_recipe_with_packing_gpu_notebook_flags(model_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    trainer = with_packing(model_dir, tmp_path, gpu=True)
+    check_gpu_run(trainer)
+    assert_trained(trainer, 4)
+
+
+@pytest.mark.gpu
+def test_recipe_with_monitoring_gpu_notebook_flags(model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    trainer = with_monitoring(model_dir, tmp_path, monkeypatch, gpu=True)
+    check_gpu_run(trainer)
+    check_monitoring(trainer, tmp_path)

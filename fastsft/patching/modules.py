@@ -9,6 +9,7 @@ runs the module's own forward for that call: never a wrong number.
 
 from __future__ import annotations
 
+import os
 import types
 from typing import Callable
 
@@ -103,32 +104,56 @@ def _is_4bit(module) -> bool:
     return type(getattr(module, "base_layer", None)).__name__ == "Linear4bit"
 
 
+# LoRA on a bitsandbytes 4-bit base (QLoRA) dequantizes the weight in the fused forward and again in backward
+# (fastsft.ops.lora.Bnb4bitWeight); validated against PEFT on NF4 weights on an H200 (tests/test_lora.py, gpu).
+# FASTSFT_LORA_4BIT=0 leaves those layers to PEFT; read when the model is patched (and again by refresh()).
+LORA_4BIT_ENV = "FASTSFT_LORA_4BIT"
+LORA_4BIT_OFF = f"4-bit base, switched off by {LORA_4BIT_ENV}=0"
+
+
+def lora_4bit_enabled() -> bool:
+    """Whether LoRA layers on a 4-bit base are fused (yes unless ``FASTSFT_LORA_4BIT`` is ``"0"``)."""
+    return os.environ.get(LORA_4BIT_ENV, "1") != "0"
+
+
+def _cpu_packed(module) -> bool:
+    """Whether bitsandbytes has repacked this 4-bit weight for its CPU inference kernel (it does so in place on the
+    first CPU forward in eval mode without grad, with AVX512-BF16): ``dequantize_4bit`` cannot read that layout, so
+    such a layer runs PEFT's forward."""
+    state = getattr(getattr(getattr(module, "base_layer", None), "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
 def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
-    """Route eligible PEFT LoRA ``Linear`` layers through ``fastsft.ops.lora_linear``."""
+    """Route eligible PEFT LoRA ``Linear`` layers through ``fastsft.ops.lora_linear``; ``Linear4bit`` ones too unless
+    ``FASTSFT_LORA_4BIT=0`` (see :func:`lora_4bit_enabled`)."""
     from fastsft.ops import lora_eligibility
     from fastsft.ops.lora import fused_lora_forward
 
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs:
+        if not args and not kwargs and not _cpu_packed(self):
             out = fused_lora_forward(self, x, backend=backend)
             if out is not None:
                 return out
         return type(self).forward(self, x, *args, **kwargs)
 
-    undos, eligible, reasons = [], 0, {}
+    fuse_4bit = lora_4bit_enabled()
+    undos, eligible, eligible_4bit, reasons = [], 0, 0, {}
     for module in causal_lm.modules():
         if not _is_lora_linear(module):
             continue
-        reason = "4-bit base weight (the fused path is not yet validated on a GPU)" if _is_4bit(module) \
-            else lora_eligibility(module)
+        reason = LORA_4BIT_OFF if _is_4bit(module) and not fuse_4bit else lora_eligibility(module)
         if reason is not None:
             reasons[reason] = reasons.get(reason, 0) + 1
             continue
         eligible += 1
+        eligible_4bit += _is_4bit(module)
         undos.append(_set_forward(module, forward))
     if not eligible and not reasons:
         raise LookupError("no PEFT LoRA layers in the model")
     detail = f"{eligible} LoRA layers fused"
+    if eligible_4bit:
+        detail += f" ({eligible_4bit} on a 4-bit base)"
     if reasons:
         detail += "; left to PEFT: " + ", ".join(f"{n} ({why})" for why, n in reasons.items())
     return detail, _chain(undos)
@@ -161,12 +186,15 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
             return swiglu(gate, up, backend=backend)
         return geglu(gate, up, approximate="tanh" if activation == "geglu_tanh" else "none", backend=backend)
 
+    fuse_4bit = lora_4bit_enabled()  # the same switch as patch_lora's, read at the same time
+
     def forward(self, x, *args, **kwargs):
         if args or kwargs:
             return type(self).forward(self, x, *args, **kwargs)
         if fuse_lora and not _checkpointing(causal_lm):
             projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
-            parts = [None if _is_4bit(p) else lora_parts(p, x.dtype) for p in projections]
+            parts = [None if _is_4bit(p) and (not fuse_4bit or _cpu_packed(p)) else lora_parts(p, x.dtype)
+                     for p in projections]
             if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
                 (g, scaling), (u, _), (d, _) = parts
                 return lora_mlp(x, g, u, d, scaling, activation, backend=backend)
