@@ -133,8 +133,8 @@ class _StepClock:
         return Clock()
 
 
-def run_one(provider: str, a: argparse.Namespace) -> dict:
-    """One provider's run in this process."""
+def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callbacks: list):
+    """The provider's trainer on a random-init model of ``a.model`` and synthetic rows (see the module docstring)."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -148,21 +148,26 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
     steps = a.warmup + a.steps
     rows_needed = steps * a.batch * rows_per_sequence(a) + 8
     data = Dataset.from_list(make_rows(rows_needed, model.config.vocab_size, a.max_length))
+    args = SFTConfig(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=a.batch, learning_rate=1e-4,
+        logging_steps=1, report_to="none", save_strategy="no", bf16=device == "cuda", use_cpu=device == "cpu",
+        gradient_checkpointing=a.checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if a.checkpointing else None,
+        packing=a.packing, max_length=a.max_length, include_num_input_tokens_seen="non_padding",
+        use_liger_kernel=provider == "trl-liger", dataloader_num_workers=0, seed=0, data_seed=0, optim="adamw_torch")
+    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    return SFTTrainer(model=model, args=args, train_dataset=data,
+                      processing_class=make_tokenizer(model.config.vocab_size), peft_config=lora, callbacks=callbacks)
+
+
+def run_one(provider: str, a: argparse.Namespace) -> dict:
+    """One provider's run in this process."""
+    import torch
+
+    clock = _StepClock()
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(
-            output_dir=out, max_steps=steps, per_device_train_batch_size=a.batch, learning_rate=1e-4,
-            logging_steps=1, report_to="none", save_strategy="no", bf16=device == "cuda",
-            use_cpu=device == "cpu", gradient_checkpointing=a.checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if a.checkpointing else None,
-            packing=a.packing, max_length=a.max_length, include_num_input_tokens_seen="non_padding",
-            use_liger_kernel=provider == "trl-liger", dataloader_num_workers=0, seed=0, data_seed=0,
-            optim="adamw_torch")
-        lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                          task_type="CAUSAL_LM")
-        clock = _StepClock()
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=make_tokenizer(
-            model.config.vocab_size), peft_config=lora, callbacks=[clock])
-        if device == "cuda":
+        trainer = make_trainer(provider, a, out, [clock])
+        if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -170,7 +175,7 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
     result = {"provider": provider, "model": a.model, "packing": a.packing, "qlora": a.qlora, "batch": a.batch,
               "max_length": a.max_length, "checkpointing": a.checkpointing, "steps_timed": s1 - s0,
               "tokens_per_s": (n1 - n0) / (t1 - t0), "first_losses": losses[:5]}
-    if device == "cuda":
+    if torch.cuda.is_available():
         result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     return result
 
@@ -181,16 +186,22 @@ def rows_per_sequence(a: argparse.Namespace) -> int:
 
 
 def matmul_tflops() -> float | None:
-    """The card's bf16 matmul rate, measured now; None without a GPU."""
-    import torch
-
-    if not torch.cuda.is_available():
+    """The card's bf16 matmul rate, measured in a child process (so that this one never holds a CUDA context
+    beside the providers'); None without a GPU or when the measurement fails."""
+    out = _in_child("from bench.bench_linear_cross_entropy import matmul_tflops as m; import torch; "
+                    "print(m() if torch.cuda.is_available() else None)")
+    try:
+        return float(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
         return None
-    from bench.bench_linear_cross_entropy import matmul_tflops as measure
 
-    rate = measure()
-    torch.cuda.empty_cache()
-    return rate
+
+def _in_child(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ.copy(),
+                          cwd=Path(__file__).resolve().parents[1])
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+    return proc.stdout
 
 
 def save_random_checkpoint(name: str, path: Path) -> None:
@@ -240,7 +251,6 @@ def main(argv=None) -> None:
 
     from bench import harness
 
-    # measured before any provider holds memory; the parent keeps only its CUDA context while they run
     tflops = matmul_tflops()
     if tflops:
         print(f"bf16 matmul {tflops:.0f} TFLOP/s", flush=True)
@@ -252,7 +262,8 @@ def main(argv=None) -> None:
         if a.qlora:
             if tflops is None:
                 parser.error("--qlora needs a CUDA GPU (bitsandbytes 4-bit)")
-            save_random_checkpoint(a.model, Path(tmp))
+            _in_child(f"from bench.bench_sft import save_random_checkpoint; save_random_checkpoint({a.model!r}, "
+                      f"{tmp!r})")
             extra_args = ["--checkpoint", tmp]
         rows = [run_child(provider, argv, extra_args) for provider in a.providers.split(",")]
     for row in rows:
