@@ -411,17 +411,19 @@ KERNELS = ("fwd", "dkdv", "dq")
 TABLE_NAME = "attention_kernel_table.json"  # in the fastsft package, next to backend_table.json
 LONG_SEQLEN = 2048  # max_seqlen above this uses the table's "long" entries (dense rows), else "short" (packed)
 
-# bf16/fp16 on an sm_80/sm_90 card not in the table. BLOCK_M is the query block and BLOCK_N the key block of
-# every kernel; shared memory (~227 KB on an H100) holds the streamed operand per stage.
+# bf16/fp16 on a card not in the table: per kernel and head dim, the configuration with the best time summed over
+# packed and dense rows in bench/results/tune_attention.json (H200). BLOCK_M is the query block and BLOCK_N the key
+# block of every kernel; shared memory holds the streamed operand per stage (a card with less shared memory than a
+# Hopper one fails to launch some: the op then falls back to the next attention backend with a warning).
 _DEFAULTS = {
-    ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
     ("fwd", 256): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-    ("dkdv", 64): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=4),
-    ("dkdv", 128): dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3),
+    ("dkdv", 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("dkdv", 128): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=4),
     ("dkdv", 256): dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
-    ("dq", 64): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=4),
-    ("dq", 128): dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+    ("dq", 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("dq", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("dq", 256): dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
 }
 _FLOAT32 = {  # float32 inputs (tests, fp32 training) take smaller blocks
