@@ -407,7 +407,6 @@ def _bwd_dkdv_kernel(
 
 # --- launch configuration ------------------------------------------------------------------------------------
 
-KERNELS = ("fwd", "dkdv", "dq")
 TABLE_NAME = "attention_kernel_table.json"  # in the fastsft package, next to backend_table.json
 LONG_SEQLEN = 2048  # max_seqlen above this uses the table's "long" entries (dense rows), else "short" (packed)
 
