@@ -116,7 +116,11 @@ class FastLanguageModel:
             model.config.use_cache = False
         elif use_gradient_checkpointing:
             reentrant = use_gradient_checkpointing is True
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            kwargs = {"use_reentrant": reentrant}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns there)
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             model.config.use_cache = False
             if reentrant:  # reentrant checkpointing only backpropagates into inputs that require grad
                 model.enable_input_require_grads()

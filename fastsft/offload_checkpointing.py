@@ -33,7 +33,7 @@ __all__ = ["OffloadedCheckpoint", "enable_offloaded_checkpointing", "disable_off
 # Tensors smaller than this stay where they are: below ~1 MiB a copy costs launch latency and frees next to nothing
 # (a decoder layer's input is batch x tokens x hidden, 16 MiB for one 2k-token row at hidden 4096 in bf16).
 DEFAULT_MIN_BYTES = 1 << 20
-# Marks our wrapper of `gradient_checkpointing_enable` (set on the wrapper function)
+# Marks our wrappers of the models' checkpointing-enable methods (set on the wrapper function)
 _WRAPPER_ATTR = "_fastsft_offloader"
 
 
@@ -134,24 +134,46 @@ class OffloadedCheckpoint:
         return tensor
 
 
+# transformers 5.24 renamed `gradient_checkpointing_enable` to `activation_checkpointing_enable`; the old name stays as
+# a deprecated alias that calls the new one (through the instance, so a wrapper of the new name sees both calls).
+_ENABLE_METHODS = ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+
+
+def _enable_targets(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(object, method name) pairs to wrap: ``model`` and, for a PEFT model, the transformers model inside (a call of
+    the deprecated name on the PEFT model reaches that model's own method), each under its current name."""
+    objects = [model]
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if base is not model:
+        objects.append(base)
+    return [(obj, next(name for name in _ENABLE_METHODS if hasattr(obj, name))) for obj in objects
+            if any(hasattr(obj, name) for name in _ENABLE_METHODS)]
+
+
 def offload_on_enable(model: torch.nn.Module, *, min_bytes: int | None = None) -> OffloadedCheckpoint:
     """Make ``model``'s gradient checkpointing offloaded: layers checkpointing now switch, and every later
-    ``model.gradient_checkpointing_enable(...)`` (a ``Trainer``'s in ``train()``, say) installs offloading right
-    after transformers' own setup. Calling it again replaces the previous offloader. Returns the offloader."""
+    ``model.gradient_checkpointing_enable(...)`` or ``activation_checkpointing_enable(...)`` (a ``Trainer``'s in
+    ``train()``, say) installs offloading right after transformers' own setup. Calling it again replaces the
+    previous offloader. Returns the offloader."""
     offloader = OffloadedCheckpoint(min_bytes)
-    original = model.gradient_checkpointing_enable
-    original = getattr(original, "_fastsft_original", original)
-
-    def gradient_checkpointing_enable(*args, **kwargs):
-        result = original(*args, **kwargs)
-        _install(model, offloader)
-        return result
-
-    setattr(gradient_checkpointing_enable, _WRAPPER_ATTR, offloader)
-    gradient_checkpointing_enable._fastsft_original = original
-    model.gradient_checkpointing_enable = gradient_checkpointing_enable
+    for obj, name in _enable_targets(model):
+        _wrap_enable(obj, name, offloader)
     _install(model, offloader)
     return offloader
+
+
+def _wrap_enable(obj: torch.nn.Module, name: str, offloader: OffloadedCheckpoint) -> None:
+    original = getattr(obj, name)
+    original = getattr(original, "_fastsft_original", original)
+
+    def enable(*args, **kwargs):
+        result = original(*args, **kwargs)
+        _install(obj, offloader)
+        return result
+
+    setattr(enable, _WRAPPER_ATTR, offloader)
+    enable._fastsft_original = original
+    setattr(obj, name, enable)
 
 
 def enable_offloaded_checkpointing(model: torch.nn.Module, gradient_checkpointing_kwargs: dict | None = None, *,
@@ -163,18 +185,25 @@ def enable_offloaded_checkpointing(model: torch.nn.Module, gradient_checkpointin
     kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
     _check_non_reentrant(kwargs)
     offloader = offload_on_enable(model, min_bytes=min_bytes)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 (the old name warns there)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return offloader
 
 
 def disable_offloaded_checkpointing(model: torch.nn.Module) -> None:
     """Back to plain non-reentrant checkpointing (still on if it was on) and ``model``'s own
     ``gradient_checkpointing_enable``."""
-    wrapper = model.__dict__.get("gradient_checkpointing_enable")
-    if wrapper is not None and hasattr(wrapper, _WRAPPER_ATTR):
-        del model.gradient_checkpointing_enable
-        if model.gradient_checkpointing_enable != wrapper._fastsft_original:  # it wrapped an instance attribute
-            model.gradient_checkpointing_enable = wrapper._fastsft_original
+    # the wrapped model inside first: a PEFT model's attribute lookup falls through to it
+    objects = [obj for obj, _ in _enable_targets(model) if obj is not model] + [model]
+    for obj in objects:
+        for name in _ENABLE_METHODS:
+            wrapper = obj.__dict__.get(name)
+            if wrapper is not None and hasattr(wrapper, _WRAPPER_ATTR):
+                delattr(obj, name)
+                if getattr(obj, name) != wrapper._fastsft_original:  # it wrapped an instance attribute
+                    setattr(obj, name, wrapper._fastsft_original)
     for module in model.modules():
         func = module.__dict__.get("_gradient_checkpointing_func")
         if isinstance(func, functools.partial) and isinstance(func.func, OffloadedCheckpoint):
