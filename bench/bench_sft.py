@@ -133,8 +133,9 @@ class _StepClock:
         return Clock()
 
 
-def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callbacks: list):
-    """The provider's trainer on a random-init model of ``a.model`` and synthetic rows (see the module docstring)."""
+def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callbacks: list, rows: list | None = None):
+    """The provider's trainer on a random-init model of ``a.model`` and synthetic rows (see the module docstring),
+    or ``rows`` when given; LoRA rank ``a.rank`` (alpha equal to it) when the namespace has one, else 16."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -146,8 +147,9 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
         from trl import SFTConfig, SFTTrainer
     model = make_model(a.model, device, a.checkpoint)
     steps = a.warmup + a.steps
-    rows_needed = steps * a.batch * rows_per_sequence(a) + 8
-    data = Dataset.from_list(make_rows(rows_needed, model.config.vocab_size, a.max_length))
+    if rows is None:
+        rows = make_rows(steps * a.batch * rows_per_sequence(a) + 8, model.config.vocab_size, a.max_length)
+    data = Dataset.from_list(rows)
     args = SFTConfig(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=a.batch, learning_rate=1e-4,
         logging_steps=1, report_to="none", save_strategy="no", bf16=device == "cuda", use_cpu=device == "cpu",
@@ -155,7 +157,8 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
         gradient_checkpointing_kwargs={"use_reentrant": False} if a.checkpointing else None,
         packing=a.packing, max_length=a.max_length, include_num_input_tokens_seen="non_padding",
         use_liger_kernel=provider == "trl-liger", dataloader_num_workers=0, seed=0, data_seed=0, optim="adamw_torch")
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    rank = getattr(a, "rank", 16)
+    lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     return SFTTrainer(model=model, args=args, train_dataset=data,
                       processing_class=make_tokenizer(model.config.vocab_size), peft_config=lora, callbacks=callbacks)
 
@@ -204,11 +207,14 @@ def _in_child(code: str) -> str:
     return proc.stdout
 
 
-def save_random_checkpoint(name: str, path: Path) -> None:
-    """The random-init bf16 model written once, for every provider to load in 4 bits."""
+def save_random_checkpoint(name: str, path: Path, max_positions: int | None = None) -> None:
+    """The random-init bf16 model written once, for every provider to load in 4 bits; ``max_positions`` raises
+    the config's ``max_position_embeddings`` (plain RoPE has no other length limit)."""
     import torch
 
     model = make_model(name, "cuda")
+    if max_positions is not None:
+        model.config.max_position_embeddings = max_positions
     model.save_pretrained(path)
     del model
     torch.cuda.empty_cache()
