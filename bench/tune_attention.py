@@ -90,6 +90,12 @@ class Case:
         return self.fa._DEFAULTS[(kernel, self.fa._dim_class(self.d))]
 
     def run(self, kernel, cfg):
+        from fastsft.triton_kernels.launch import direct_launch
+
+        with direct_launch():  # as the ops launch them in eager code
+            return self._run(kernel, cfg)
+
+    def _run(self, kernel, cfg):
         import torch
 
         fa, q, k, v = self.fa, self.q, self.k, self.v

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+
+from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
 
 from fastsft.ops.linear_cross_entropy import cross_entropy_rows_fake
 
@@ -95,7 +96,7 @@ def _block_size(vocab: int) -> int:
     return min(triton.next_power_of_2(vocab), 4096)
 
 
-@triton_op("fastsft::cross_entropy_rows_triton", mutates_args={"logits"})
+@eager_direct_triton_op("fastsft::cross_entropy_rows_triton", mutates_args={"logits"})
 def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor, scale: float, softcap: float,
                        ignore_index: int, compute_grad: bool, compute_entropy: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,7 +112,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, grad_scale: t
     if rows == 0:
         return loss, lse, entropy, argmax
     block = _block_size(vocab)
-    wrap_triton(_cross_entropy_rows_kernel)[(rows,)](
+    launcher(_cross_entropy_rows_kernel)[(rows,)](
         logits, logits.stride(0), labels, grad_scale, 0 if grad_scale.numel() == 1 else 1, loss, lse, entropy, argmax,
         vocab, ignore_index, scale, softcap,
         HAS_SOFTCAP=softcap > 0, COMPUTE_GRAD=compute_grad, COMPUTE_ENTROPY=compute_entropy, BLOCK=block,

@@ -24,13 +24,11 @@ without repeating K/V).
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+
+from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a kernel may read a global only as a constexpr
 LN2 = tl.constexpr(0.6931471805599453)
@@ -495,30 +493,12 @@ def _flags(q, causal, window, softcap, cfg):
                 DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
-_direct = threading.local()
-
-
-@contextlib.contextmanager
-def direct_launch():
-    """Launch the kernels themselves instead of through ``wrap_triton``: for eager calls on real tensors, which
-    then skip torch.library's dispatch (a few hundred microseconds a call, per layer and step)."""
-    previous = getattr(_direct, "on", False)
-    _direct.on = True
-    try:
-        yield
-    finally:
-        _direct.on = previous
-
-
-def _launcher(kernel):
-    return kernel if getattr(_direct, "on", False) else wrap_triton(kernel)
-
-
-# The launchers take explicit configs so that the tuner (bench/tune_attention.py) can time each kernel alone.
+# The launchers take explicit configs so that the tuner (bench/tune_attention.py) can time each kernel alone (inside
+# launch.direct_launch(), as eager calls of the ops run).
 
 def launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg):
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, q.shape[1])
-    _launcher(_flash_fwd_kernel)[grid](
+    launcher(_flash_fwd_kernel)[grid](
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         q.shape[0], q.shape[1] // k.shape[1], softmax_scale, softcap, window, **_flags(q, causal, window, softcap, cfg))
@@ -527,7 +507,7 @@ def launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal,
 def launch_preprocess(out, dout, delta):
     total, hq, d = out.shape
     pre_m = 64 if out.device.type == "cuda" else 32
-    _launcher(_bwd_preprocess_kernel)[(triton.cdiv(total, pre_m), hq)](
+    launcher(_bwd_preprocess_kernel)[(triton.cdiv(total, pre_m), hq)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
         HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d(d), num_warps=4)
 
@@ -535,7 +515,7 @@ def launch_preprocess(out, dout, delta):
 def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap,
                 cfg):
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), cu_seqlens.shape[0] - 1, k.shape[1])
-    _launcher(_bwd_dkdv_kernel)[grid](
+    launcher(_bwd_dkdv_kernel)[grid](
         q, k, v, dout, dk, dv, lse, delta, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -544,7 +524,7 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softm
 
 def launch_dq(dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg):
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, q.shape[1])
-    _launcher(_bwd_dq_kernel)[grid](
+    launcher(_bwd_dq_kernel)[grid](
         q, k, v, dout, dq, lse, delta, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
         dq.stride(0), dq.stride(1),
@@ -553,9 +533,10 @@ def launch_dq(dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softmax_sca
 
 # --- ops -----------------------------------------------------------------------------------------------------
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                      softmax_scale: float, causal: bool, window: int, softcap: float
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+@eager_direct_triton_op("fastsft::flash_attn_varlen_fwd_triton", mutates_args={})
+def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                          max_seqlen: int, softmax_scale: float, causal: bool, window: int, softcap: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output [total, Hq, D] (dtype of q) and log-sum-exp [Hq, total] (float32, natural log).
 
     ``q``/``k``/``v`` need stride 1 in their last dim; ``window`` 0 and ``softcap`` 0 mean none; ``max_seqlen``
@@ -570,10 +551,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     return out, lse
 
 
-def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                       lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float,
-                       causal: bool, window: int, softcap: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@eager_direct_triton_op("fastsft::flash_attn_varlen_bwd_triton", mutates_args={})
+def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float,
+                          causal: bool, window: int, softcap: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) of the forward above, given ``dout`` and the forward's ``out`` and ``lse``.
     Deterministic: no atomics, every element written by one program."""
     total, hq, d = q.shape
@@ -591,21 +573,3 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                 kernel_config("dkdv", d, q.device, q.element_size(), max_seqlen))
     launch_dq(dout, q, k, v, lse, delta, dq, *args, kernel_config("dq", d, q.device, q.element_size(), max_seqlen))
     return dq, dk, dv
-
-
-# The same two functions as custom ops, for torch.compile and export (their fake-tensor traces record the launches).
-
-@triton_op("fastsft::flash_attn_varlen_fwd_triton", mutates_args={})
-def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                          max_seqlen: int, softmax_scale: float, causal: bool, window: int, softcap: float
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
-
-
-@triton_op("fastsft::flash_attn_varlen_bwd_triton", mutates_args={})
-def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                          lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float,
-                          causal: bool, window: int, softcap: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window,
-                              softcap)

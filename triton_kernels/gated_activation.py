@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+
+from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
 
 from fastsft.ops.gated_activation import ACTIVATION_CODES, gated_activation_backward_fake, gated_activation_forward_fake
 
@@ -68,25 +69,25 @@ def _gated_backward_kernel(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, AC
     tl.store(dup_ptr + offs, (dy * a).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-@triton_op("fastsft::gated_activation_forward_triton", mutates_args={})
+@eager_direct_triton_op("fastsft::gated_activation_forward_triton", mutates_args={})
 def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(gate) * up`` of contiguous tensors of one shape and dtype."""
     out = gated_activation_forward_fake(gate, up, activation)
     n = gate.numel()
     if n:
-        wrap_triton(_gated_forward_kernel)[(triton.cdiv(n, _BLOCK),)](
+        launcher(_gated_forward_kernel)[(triton.cdiv(n, _BLOCK),)](
             gate, up, out, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
     return out
 
 
-@triton_op("fastsft::gated_activation_backward_triton", mutates_args={})
+@eager_direct_triton_op("fastsft::gated_activation_backward_triton", mutates_args={})
 def gated_activation_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str
                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d gate, d up)`` of ``sum(grad * act(gate) * up)``, all contiguous of one shape and dtype."""
     dgate, dup = gated_activation_backward_fake(grad, gate, up, activation)
     n = gate.numel()
     if n:
-        wrap_triton(_gated_backward_kernel)[(triton.cdiv(n, _BLOCK),)](
+        launcher(_gated_backward_kernel)[(triton.cdiv(n, _BLOCK),)](
             grad, gate, up, dgate, dup, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
     return dgate, dup
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+
+from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
 
 from fastsft.ops.gated_activation import ACTIVATION_CODES
 from fastsft.triton_kernels.gated_activation import _act_and_grad, _gated_forward_kernel
@@ -34,24 +35,24 @@ def _lora_gated_backward_kernel(grad_h_ptr, gate_ptr, up_ptr, n, ACT: tl.constex
     tl.store(grad_h_ptr + offs, (a * u).to(grad_h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton_op("fastsft::lora_gated_forward_triton", mutates_args={"gate"})
+@eager_direct_triton_op("fastsft::lora_gated_forward_triton", mutates_args={"gate"})
 def lora_gated_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
     """``gate <- act(gate) * up`` for contiguous tensors of one shape and dtype; ``activation`` is
     ``"silu"``, ``"gelu"`` or ``"gelu_tanh"``."""
     n = gate.numel()
     if n:
         # the gated activation's own kernel, writing over gate: each element is read, then written, by one program
-        wrap_triton(_gated_forward_kernel)[(triton.cdiv(n, _BLOCK),)](
+        launcher(_gated_forward_kernel)[(triton.cdiv(n, _BLOCK),)](
             gate, up, gate, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
 
 
-@triton_op("fastsft::lora_gated_backward_triton", mutates_args={"grad_h", "gate", "up"})
+@eager_direct_triton_op("fastsft::lora_gated_backward_triton", mutates_args={"grad_h", "gate", "up"})
 def lora_gated_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str) -> None:
     """In place: ``gate <- d gate``, ``up <- d up``, ``grad_h <- act(gate) * up`` (all contiguous, one shape and
     dtype)."""
     n = gate.numel()
     if n:
-        wrap_triton(_lora_gated_backward_kernel)[(triton.cdiv(n, _BLOCK),)](
+        launcher(_lora_gated_backward_kernel)[(triton.cdiv(n, _BLOCK),)](
             grad_h, gate, up, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
 
 

@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+
+from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
 
 from fastsft.ops.nf4 import dequantize_nf4_fake
 
@@ -50,7 +51,7 @@ def _dequantize_nf4_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_
     tl.store(out_ptr + elem, out, mask=elem < n)
 
 
-@triton_op("fastsft::dequantize_nf4_triton", mutates_args={"out"})
+@eager_direct_triton_op("fastsft::dequantize_nf4_triton", mutates_args={"out"})
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                    nested_absmax: Optional[torch.Tensor], nested_code: Optional[torch.Tensor], blocksize: int,
                    nested_blocksize: int, offset: float, out: torch.Tensor) -> None:
@@ -60,7 +61,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
         return
     nested = nested_absmax is not None
     grid = (triton.cdiv(n_bytes, BYTES),)
-    wrap_triton(_dequantize_nf4_kernel)[grid](
+    launcher(_dequantize_nf4_kernel)[grid](
         packed, absmax, code, nested_absmax if nested else absmax, nested_code if nested else code, out, n, n_bytes,
         offset, nested_blocksize, BLOCKSIZE=blocksize, NESTED=nested, BYTES=BYTES, num_warps=4,
         enable_fp_fusion=False)

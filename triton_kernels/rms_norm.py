@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+
+from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
 
 from fastsft.ops.rms_norm import rms_norm_backward_fake, rms_norm_forward_fake
 
@@ -76,7 +77,7 @@ def _programs(rows: int, device: torch.device) -> int:
     return max(1, min(rows, 4))  # the CPU interpreter: few programs keep it quick
 
 
-@triton_op("fastsft::rms_norm_forward_triton", mutates_args={})
+@eager_direct_triton_op("fastsft::rms_norm_forward_triton", mutates_args={})
 def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor], eps: float,
                      offset: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, s, rstd)`` of contiguous ``x`` [rows, H] (and ``residual``): see ``fastsft::rms_norm_forward``."""
@@ -86,13 +87,13 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, residual: Optional[t
         return y, s, rstd
     block, warps = _block(hidden)
     has_res = residual is not None
-    wrap_triton(_rms_norm_forward_kernel)[(rows,)](
+    launcher(_rms_norm_forward_kernel)[(rows,)](
         x, residual if has_res else x, weight, y, s if has_res else y, rstd, hidden, eps, offset,
         HAS_RES=has_res, BLOCK=block, num_warps=warps)
     return y, s, rstd
 
 
-@triton_op("fastsft::rms_norm_backward_triton", mutates_args={})
+@eager_direct_triton_op("fastsft::rms_norm_backward_triton", mutates_args={})
 def rms_norm_backward(grad_y: torch.Tensor, grad_sum: Optional[torch.Tensor], s: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor, offset: float, compute_weight_grad: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,7 +106,7 @@ def rms_norm_backward(grad_y: torch.Tensor, grad_sum: Optional[torch.Tensor], s:
     partial = torch.zeros(programs if compute_weight_grad else 0, hidden, device=s.device, dtype=torch.float32)
     if rows and hidden:
         block, warps = _block(hidden)
-        wrap_triton(_rms_norm_backward_kernel)[(programs,)](
+        launcher(_rms_norm_backward_kernel)[(programs,)](
             grad_y, grad_sum if grad_sum is not None else grad_y, s, weight, rstd, dx,
             partial if compute_weight_grad else dx, rows, hidden, per_program, offset,
             HAS_GS=grad_sum is not None, DW=compute_weight_grad, BLOCK=block, num_warps=warps)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+
+from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
 
 from fastsft.ops.rope import rope_fake
 
@@ -53,7 +54,7 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, Hq, Hk, S, half
     _rotate_heads(k_ptr, ko_ptr, c1, c2, s1, s2, b, s, Hk, S, k_sb, k_sh, k_ss, half, INVERSE, BLOCK_HK, BLOCK_D)
 
 
-@triton_op("fastsft::rope_triton", mutates_args={})
+@eager_direct_triton_op("fastsft::rope_triton", mutates_args={})
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
          ) -> tuple[torch.Tensor, torch.Tensor]:
     """New contiguous ``(q, k)`` rotated by ``cos``/``sin`` [B or 1, S, D] (contiguous); ``inverse`` applies the
@@ -65,7 +66,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         return q_out, k_out
     half = D // 2
     block_d = triton.next_power_of_2(half)
-    wrap_triton(_rope_kernel)[(B * S,)](
+    launcher(_rope_kernel)[(B * S,)](
         q, k, q_out, k_out, cos, sin, Hq, Hk, S, half, 0 if cos.shape[0] == 1 else S * D,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         INVERSE=inverse, BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HK=triton.next_power_of_2(Hk), BLOCK_D=block_d,

@@ -144,16 +144,10 @@ def _reference_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale
 # --- triton backend ------------------------------------------------------------------------------------------
 
 def _run(stage, *args):
-    """The forward or backward kernels: launched directly for eager calls on plain tensors, through the
-    ``fastsft::`` custom ops when compiling or tracing (those ops are what torch.compile sees)."""
-    from fastsft.triton_kernels import flash_attention as fa  # also registers the fastsft:: ops
+    """The forward or backward kernels (``fastsft::`` custom ops; eager calls launch them directly)."""
+    from fastsft.triton_kernels import flash_attention as fa
 
-    if not torch.compiler.is_compiling() and all(type(t) is torch.Tensor for t in args[:4]):
-        with fa.direct_launch():
-            return (fa.attention_forward if stage == "fwd" else fa.attention_backward)(*args)
-    if stage == "fwd":
-        return torch.ops.fastsft.flash_attn_varlen_fwd_triton(*args)
-    return torch.ops.fastsft.flash_attn_varlen_bwd_triton(*args)
+    return (fa.flash_attn_varlen_fwd if stage == "fwd" else fa.flash_attn_varlen_bwd)(*args)
 
 
 @backends.register(OP, "triton", available=backends.triton_available)
