@@ -6,6 +6,7 @@ The package works without it: the reference and Triton backends need nothing com
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -29,7 +30,9 @@ def load() -> bool:
         from fastsft import _C  # noqa: F401  (registers the ops)
     except ImportError as exc:  # not built, or built against another torch
         _loaded, _error = False, str(exc)
-        if "No module named" not in str(exc):
+        # Not built is normal (no warning). Python 3.12 words a missing submodule of a package still importing as
+        # "cannot import name ... (most likely due to a circular import)", so ask whether the file is there.
+        if importlib.util.find_spec("fastsft._C") is not None:
             warnings.warn(f"fastsft: the compiled extension fastsft._C failed to load ({exc}); "
                           "using the Triton and reference backends", RuntimeWarning, stacklevel=2)
         return False

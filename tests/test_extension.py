@@ -30,3 +30,25 @@ def test_backend_report_names_every_backend():
     rows = backends.report()["linear_cross_entropy"]
     assert set(rows) >= {"reference@cpu", "triton@cpu", "cuda@cpu"}
     assert rows["reference@cpu"] == "ok"
+
+
+@pytest.mark.parametrize("built", [False, True], ids=["not-built", "built-but-broken"])
+def test_warns_only_when_a_built_extension_fails_to_load(monkeypatch, recwarn, built):
+    """No extension file: quiet (the Triton and reference backends are the normal path). A file that does not load
+    (another torch, say): one warning. Python 3.12's message for the missing file mentions a circular import, so
+    the decision cannot rest on the message."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setattr(_extension, "_loaded", None)
+    monkeypatch.setattr(_extension, "_error", None)
+    import fastsft
+
+    monkeypatch.delattr(fastsft, "_C", raising=False)  # loaded earlier: `from fastsft import _C` would find it
+    monkeypatch.setitem(sys.modules, "fastsft._C", None)  # any import of it now raises ImportError
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if built else None) if name == "fastsft._C" else find_spec(name, *a))
+    assert _extension.load() is False
+    warned = [w for w in recwarn if "failed to load" in str(w.message)]
+    assert len(warned) == (1 if built else 0)
