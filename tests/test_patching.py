@@ -207,3 +207,33 @@ def test_float64_model_trains_patched():
     assert loss.dtype == torch.float64
     for name, grad in grads.items():
         assert_close(grad, expected_grads[name], rtol=1e-6, atol=1e-12, name=name)
+
+
+def test_lora_mlp_fusion_follows_each_layers_checkpointing_flag(monkeypatch):
+    """The fused LoRA MLP (which recomputes inside) runs where the MLP's own decoder layer does not checkpoint, and
+    deciding that reads the layer's flag: the model-wide property walks every module per call when it is off."""
+    from peft import LoraConfig, get_peft_model
+
+    import fastsft.ops
+
+    fused = []
+    lora_mlp = fastsft.ops.lora_mlp
+    monkeypatch.setattr(fastsft.ops, "lora_mlp", lambda x, *a, **k: fused.append(x) or lora_mlp(x, *a, **k))
+    inputs = batch()
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    fastsft.patch(model)
+    base = model.get_base_model()
+    walks = []
+    prop = type(base).is_gradient_checkpointing
+    monkeypatch.setattr(type(base), "is_gradient_checkpointing",
+                        property(lambda self: walks.append(1) or prop.fget(self)))
+
+    model(**inputs).loss.backward()
+    layers = base.model.layers
+    assert len(fused) == len(layers) and not walks
+    layers[0].gradient_checkpointing = True  # as transformers 5.24's every_n_layers leaves some layers
+    fused.clear()
+    model.eval()  # the flag alone, without the layer running checkpoint (it has no checkpointing function here)
+    with torch.no_grad():
+        model(**inputs)
+    assert len(fused) == len(layers) - 1 and not walks

@@ -187,11 +187,22 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
         return geglu(gate, up, approximate="tanh" if activation == "geglu_tanh" else "none", backend=backend)
 
     fuse_4bit = lora_4bit_enabled()  # the same switch as patch_lora's, read at the same time
+    modules = _mlp_modules(causal_lm)
+    # Each MLP's decoder layer: its `gradient_checkpointing` flag says whether this MLP is recomputed. The model's
+    # own property walks every module and finds nothing when checkpointing is off (14 ms a call at 2,600 modules
+    # on the CI CPU, and this runs once per layer per forward).
+    mlps = set(modules)
+    layer_of = {layer.mlp: layer for layer in causal_lm.modules()
+                if getattr(layer, "mlp", None) in mlps and hasattr(layer, "gradient_checkpointing")}
+
+    def checkpointed(mlp) -> bool:
+        layer = layer_of.get(mlp)
+        return bool(layer.gradient_checkpointing) if layer is not None else _checkpointing(causal_lm)
 
     def forward(self, x, *args, **kwargs):
         if args or kwargs:
             return type(self).forward(self, x, *args, **kwargs)
-        if fuse_lora and not _checkpointing(causal_lm):
+        if fuse_lora and not checkpointed(self):
             projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
             parts = [None if _is_4bit(p) and (not fuse_4bit or _cpu_packed(p)) else lora_parts(p, x.dtype)
                      for p in projections]
@@ -202,7 +213,6 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
             return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
         return type(self).forward(self, x)
 
-    modules = _mlp_modules(causal_lm)
     if not modules:
         raise LookupError("no gated MLP modules (gate_proj, up_proj, down_proj, act_fn) in the model")
     undos = [_set_forward(m, forward) for m in modules]
