@@ -20,6 +20,7 @@ padding, holes in the mask, and decoding with a KV cache go to SDPA with an expl
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from pathlib import Path
@@ -199,10 +200,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
 def torch_varlen_call(q, k, v, cu, max_len, scaling=None, window=None):
     """torch's varlen attention, causal, on [total, H, D] tensors with GQA, across its signatures: newer torch
     takes ``enable_gqa``; torch 2.11 has ``window_size`` and takes GQA natively (FlashAttention kernels)."""
-    import inspect
-
     varlen_attn = _torch_varlen()
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameters(varlen_attn)
     left = -1 if window is None else window - 1
     kwargs = {"scale": scaling}
     if "window_size" in params:
@@ -214,6 +213,14 @@ def torch_varlen_call(q, k, v, cu, max_len, scaling=None, window=None):
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(fn) -> frozenset:
+    """The parameter names of ``fn``, read once (inspect.signature costs tens of microseconds, per layer call)."""
+    import inspect
+
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def _sdpa_dense(query, key, value, scaling):

@@ -150,3 +150,25 @@ def test_unknown_provider_is_rejected(monkeypatch):
     monkeypatch.setenv("FASTSFT_ATTENTION", "nope")
     with pytest.raises(ValueError, match="FASTSFT_ATTENTION"):
         fa.provider_order("dense", torch.device("cpu"))
+
+
+def test_torch_varlen_call_adapts_to_both_signatures(monkeypatch):
+    """torch 2.11's varlen_attn takes window_size (GQA native); newer ones take is_causal and enable_gqa."""
+    calls = []
+
+    def older(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        calls.append({"scale": scale, "window_size": window_size})
+
+    def newer(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, is_causal=False, enable_gqa=False):
+        calls.append({"scale": scale, "is_causal": is_causal, "enable_gqa": enable_gqa})
+
+    q, kv, cu = torch.zeros(5, 4, 8), torch.zeros(5, 2, 8), torch.tensor([0, 5], dtype=torch.int32)
+    monkeypatch.setattr(fa, "_torch_varlen", lambda: older)
+    fa.torch_varlen_call(q, kv, kv, cu, 5, 0.5, window=3)
+    fa.torch_varlen_call(q, kv, kv, cu, 5, 0.5)
+    monkeypatch.setattr(fa, "_torch_varlen", lambda: newer)
+    fa.torch_varlen_call(q, kv, kv, cu, 5, 0.5)
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        fa.torch_varlen_call(q, kv, kv, cu, 5, 0.5, window=3)
+    assert calls == [{"scale": 0.5, "window_size": (2, 0)}, {"scale": 0.5, "window_size": (-1, 0)},
+                     {"scale": 0.5, "is_causal": True, "enable_gqa": True}]
