@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from fastsft._tensor_cache import LastTensorCache
 
 NAME = "fastsft"
 PROVIDERS = ("fastsft", "torch_varlen", "sdpa")
@@ -114,25 +115,9 @@ def make_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fun
     return masking_utils.flash_attention_mask(**args)
 
 
-class _PerForwardCache:
-    """A value derived (with a host sync) from a tensor that every layer of one forward pass receives: computed
-    for the first layer, reused by the others while the tensor is the same object and unchanged."""
-
-    def __init__(self):
-        self._key = None
-        self._value = None
-
-    def get(self, tensor: torch.Tensor, compute):
-        key = (id(tensor), tensor.data_ptr(), tensor._version)
-        if self._key is not None and self._key[0]() is tensor and self._key[1:] == key[1:]:
-            return self._value
-        value = compute(tensor)
-        self._key, self._value = (weakref.ref(tensor), *key[1:]), value
-        return value
-
-
-_position_cache = _PerForwardCache()
-_padding_cache = _PerForwardCache()
+# host syncs: once per forward pass, not per layer
+_position_cache = LastTensorCache()
+_padding_cache = LastTensorCache()
 
 
 def _cu_seqlens_from_position_ids(position_ids: torch.Tensor):

@@ -10,12 +10,11 @@ The layout is flash-attn's varlen API: ``q`` [total_tokens, Hq, D], ``k``/``v`` 
 from __future__ import annotations
 
 import math
-import threading
-import weakref
 
 import torch
 
 from fastsft import backends
+from fastsft._tensor_cache import LastTensorCache
 from fastsft.reference import attention as reference
 
 OP = "flash_attention_varlen"
@@ -96,7 +95,7 @@ def _check(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, window, softc
         raise ValueError(f"{name}: softcap must be a positive number or None, got {softcap}")
 
 
-_last_checked = threading.local()
+_checked = LastTensorCache()
 
 
 def _check_cu_seqlens_values(cu_seqlens, total, max_seqlen):
@@ -105,12 +104,7 @@ def _check_cu_seqlens_values(cu_seqlens, total, max_seqlen):
     the same cu_seqlens: a tensor checked last time, unchanged since (same version), is not checked again."""
     if torch.compiler.is_compiling():
         return
-    key = (cu_seqlens._version, total, max_seqlen)
-    last = getattr(_last_checked, "value", None)
-    if last is not None and last[0]() is cu_seqlens and last[1] == key:
-        return
-    _check_cu_seqlens_device_values(cu_seqlens, total, max_seqlen)
-    _last_checked.value = (weakref.ref(cu_seqlens), key)
+    _checked.get(cu_seqlens, lambda cu: _check_cu_seqlens_device_values(cu, total, max_seqlen), total, max_seqlen)
 
 
 def _check_cu_seqlens_device_values(cu_seqlens, total, max_seqlen):
