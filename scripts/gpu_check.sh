@@ -6,7 +6,8 @@
 #     stages: build test bench-lce bench-attention bench-norm bench-lora bench-nf4 demo (the default set),
 #             tune-attention (before bench-attention: measures and stores the attention kernels' launch
 #             configurations), bench-offload, bench-kernels (the pytest-benchmark suite), bench-sft-1b
-#             bench-sft-8b
+#             bench-sft-8b, bench-suite (python -m bench.suite: FASTSFT_SUITE_PRESET quick | full with
+#             FASTSFT_SUITE_PART 1-3; results in OUTDIR/suite)
 # FASTSFT_TESTS picks test files and FASTSFT_TEST_MARK their marker expression (default: all tests);
 # FASTSFT_BENCH_QUICK=1 the quick benchmark presets; FASTSFT_STAGE_TIMEOUT caps
 # each stage (seconds, default 540).
@@ -38,7 +39,7 @@ stage() {  # stage NAME COMMAND...: run, log to OUTDIR/NAME.log, record status a
 }
 
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  python3 scripts/install_wheels.py .whl /tmp/site \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$out/gpu.txt" 2>&1
@@ -65,6 +66,8 @@ for s in $stages; do
     bench-kernels) stage bench-kernels python3 -m pytest bench/kernels -q -p no:cacheprovider -rs \
              --benchmark-json "$out/kernels.json" --benchmark-columns=median,rounds
              python3 -m bench.kernels.collect "$out/kernels.json" --out "$out" >> "$out/bench-kernels.log" 2>&1 ;;
+    bench-suite) stage bench-suite python3 -m bench.suite --preset "${FASTSFT_SUITE_PRESET:-quick}" \
+             --part "${FASTSFT_SUITE_PART:-1}" --out "$out/suite" ;;
     demo) stage demo python3 -m fastsft demo --json "$out/demo.json" ;;
     bench-sft-1b) stage bench-sft-1b python3 -m bench.bench_sft --model llama-1b --packing --batch 4 --out "$out" ;;
     bench-sft-8b) stage bench-sft-8b python3 -m bench.bench_sft --model llama-8b --packing --batch 2 --out "$out" ;;
