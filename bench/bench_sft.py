@@ -229,7 +229,7 @@ def utilization(row: dict, flop: dict, tflops: float | None) -> dict:
     return out
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="llama-1b")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
@@ -248,6 +248,11 @@ def main(argv=None) -> None:
     parser.add_argument("--single", choices=PROVIDERS, help=argparse.SUPPRESS)  # child process mode
     parser.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)  # --qlora: the saved random model
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     a = parser.parse_args(argv)
     if a.single:
         a.result_json.write_text(json.dumps(run_one(a.single, a)))

@@ -29,8 +29,11 @@ SKIP_METRICS = {"ms_p20", "ms_p80", "matmul_tflops", "floor_ms", "wall_s", "copy
 HEADLINE = {"file": "sft_llama-8b_packing.json", "provider": "fastsft", "tokens_per_s": 11_000, "peak_GiB": 16.0}
 
 
-def load(path: Path) -> tuple[dict, list[dict]]:
+def load(path: Path) -> tuple[dict, list[dict]] | None:
+    """A result file's (environment, rows); None for other JSON in the folder (tables, suite records, raw dumps)."""
     data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        return None
     env = data.get("environment") or {"card": data.get("gpu"), "versions": {"torch": data.get("torch")},
                                       "commit": data.get("commit")}
     return env, data.get("rows", [])
@@ -143,7 +146,7 @@ def _utilization(row: dict) -> str:
 
 
 def report(results_dir: Path) -> Path:
-    results = {p.stem: load(p) for p in sorted(results_dir.glob("*.json"))}
+    results = {p.stem: r for p in sorted(results_dir.glob("*.json")) if (r := load(p)) is not None}
     plots_dir = results_dir / "plots"
     plots_dir.mkdir(exist_ok=True)
     n = write_csv(results, results_dir / "all_rows.csv")
@@ -181,7 +184,11 @@ def _worse(metric: str, old: float, new: float, threshold: float) -> bool:
 
 def compare(old_path: Path, new_path: Path, threshold: float) -> list[str]:
     """Regressions of ``new`` against ``old``, one line each."""
-    (_, old_rows), (_, new_rows) = load(old_path), load(new_path)
+    loaded = [load(p) for p in (old_path, new_path)]
+    for path, result in zip((old_path, new_path), loaded):
+        if result is None:
+            raise SystemExit(f"{path} is not a benchmark result (no 'rows' list)")
+    (_, old_rows), (_, new_rows) = loaded
 
     def key(row):
         config, _ = split(row)

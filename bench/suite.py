@@ -1,0 +1,119 @@
+"""The whole benchmark suite, kernels and end to end, as presets sized for the GPU tool's 10-minute calls.
+
+    python -m bench.suite --preset quick --out OUT            # one call: every op (one shape) + 1B and 8B SFT
+    python -m bench.suite --preset full --part 1 --out OUT    # the fuller preset in three calls (parts 1, 2, 3)
+    python -m bench.suite --list                              # what each preset runs
+
+Each entry runs as its own process with a time cap; its log goes to ``OUT/<entry>.log`` and its results (JSON +
+Markdown, the format of ``bench.harness``) into OUT. ``OUT/suite_<preset>[_<part>].json`` records every entry's
+exit status and duration, and at the end ``bench.report`` turns OUT into ``all_rows.csv``, plots and RESULTS.md.
+Copy the result files into ``bench/results/`` (and rerun ``python -m bench.report``) to commit them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    argv: tuple[str, ...]  # after "python -m"
+    timeout_s: int
+    env: dict = field(default_factory=dict)
+
+
+def _kernels(quick: bool, timeout_s: int, collect_s: int) -> list[Entry]:
+    env = {"FASTSFT_BENCH_QUICK": "1"} if quick else {}
+    return [Entry("kernels", ("pytest", "bench/kernels", "-q", "-p", "no:cacheprovider", "-rs",
+                              "--benchmark-json", "{out}/kernels.json", "--benchmark-columns=median,rounds"),
+                  timeout_s, env),
+            Entry("kernels-collect", ("bench.kernels.collect", "{out}/kernels.json", "--out", "{out}"), collect_s)]
+
+
+def _sft(model: str, *flags: str, batch: int, timeout_s: int, steps: int = 10, warmup: int = 3) -> Entry:
+    name = "sft-" + "-".join([model, *(f.lstrip("-") for f in flags)])
+    return Entry(name, ("bench.bench_sft", "--model", model, *flags, "--batch", str(batch), "--warmup", str(warmup),
+                        "--steps", str(steps), "--out", "{out}"), timeout_s)
+
+
+PRESETS: dict[str, dict[int, list[Entry]]] = {
+    # One 10-minute call: every op at one shape, and the headline e2e rows (packing, 2048 tokens, LoRA).
+    # Each e2e provider spends about 30 s starting (imports, model, data) before its first step.
+    "quick": {1: [*_kernels(True, 160, collect_s=30),
+                  _sft("llama-1b", "--packing", batch=4, warmup=2, steps=6, timeout_s=150),
+                  _sft("llama-8b", "--packing", batch=2, warmup=2, steps=6, timeout_s=220)]},
+    # The fuller preset in three calls: every op at two shapes, and the 8B matrix (2048 and 8192 tokens, packing
+    # on and off, LoRA and QLoRA) with the 1B shape beside it.
+    "full": {1: [*_kernels(False, 330, collect_s=30),
+                 _sft("llama-1b", "--packing", batch=4, timeout_s=160)],
+             2: [_sft("llama-8b", "--packing", batch=2, timeout_s=250),
+                 _sft("llama-8b", "--no-packing", batch=2, timeout_s=250)],
+             3: [_sft("llama-8b", "--packing", "--seq-len", "8192", batch=1, timeout_s=270),
+                 _sft("llama-8b", "--packing", "--qlora", batch=2, timeout_s=270)]},
+}
+
+
+def entries(preset: str, part: int) -> list[Entry]:
+    parts = PRESETS[preset]
+    if part not in parts:
+        raise SystemExit(f"preset {preset!r} has parts {sorted(parts)}, not {part}")
+    return parts[part]
+
+
+def run(entry: Entry, out: Path) -> dict:
+    argv = [sys.executable, "-m", *(a.format(out=out) for a in entry.argv)]
+    start = time.time()
+    with open(out / f"{entry.name}.log", "w") as log:
+        log.write(" ".join(argv) + "\n")
+        log.flush()
+        try:
+            rc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, timeout=entry.timeout_s,
+                                env={**os.environ, **entry.env}, cwd=Path(__file__).resolve().parents[1]).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    return {"entry": entry.name, "rc": rc, "seconds": round(time.time() - start, 1), "timeout_s": entry.timeout_s}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
+    parser.add_argument("--part", type=int, default=1, help="which call of a preset in several calls")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--list", action="store_true", help="print what the presets run and exit")
+    a = parser.parse_args(argv)
+    if a.list:
+        for preset, parts in PRESETS.items():
+            for part, todo in parts.items():
+                total = sum(e.timeout_s for e in todo)
+                print(f"{preset} part {part} (caps sum to {total} s):")
+                for e in todo:
+                    print(f"  {e.name:<36} {e.timeout_s:>4} s  python -m {' '.join(e.argv)}")
+        return 0
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.out = a.out.resolve()
+    todo = entries(a.preset, a.part)
+    results = []
+    suffix = f"_{a.part}" if len(PRESETS[a.preset]) > 1 else ""
+    for i, entry in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {entry.name} (at most {entry.timeout_s} s)", flush=True)
+        results.append(run(entry, a.out))
+        print(f"    rc={results[-1]['rc']} {results[-1]['seconds']} s", flush=True)
+        (a.out / f"suite_{a.preset}{suffix}.json").write_text(json.dumps(results, indent=1))
+    report = subprocess.run([sys.executable, "-m", "bench.report", "--results", str(a.out)],
+                            cwd=Path(__file__).resolve().parents[1])
+    failed = [r["entry"] for r in results if r["rc"] != 0]
+    if failed:
+        print("failed: " + ", ".join(failed), file=sys.stderr)
+    return 1 if failed or report.returncode else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

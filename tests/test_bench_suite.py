@@ -1,0 +1,57 @@
+"""The benchmark suite's presets (bench/suite.py): well-formed commands, and the runner's logging and time caps."""
+
+import json
+import sys
+
+import pytest
+
+from bench import bench_sft, suite
+
+
+@pytest.mark.parametrize("preset,part", [(p, n) for p, parts in suite.PRESETS.items() for n in parts])
+def test_preset_commands_parse(preset, part, tmp_path):
+    todo = suite.entries(preset, part)
+    assert len({e.name for e in todo}) == len(todo)
+    # one 10-minute GPU call per part, with room for the install and the report
+    assert sum(e.timeout_s for e in todo) <= 570
+    for entry in todo:
+        argv = [a.format(out=tmp_path) for a in entry.argv]
+        if argv[0] == "bench.bench_sft":
+            a = bench_sft.build_parser().parse_args(argv[1:])  # exits (fails the test) on a bad flag
+            assert a.out == tmp_path and a.model in bench_sft.MODELS
+        elif argv[0] == "pytest":
+            assert (suite.Path(__file__).parents[1] / argv[1]).is_dir()
+        else:
+            assert argv[0] == "bench.kernels.collect"
+
+
+def test_full_preset_covers_the_matrix():
+    flags = [set(e.argv) for part in suite.PRESETS["full"].values() for e in part if e.argv[0] == "bench.bench_sft"]
+    assert any("llama-1b" in f for f in flags)
+    big = [f for f in flags if "llama-8b" in f]
+    assert any("--no-packing" in f for f in big) and any("--qlora" in f for f in big)
+    assert any("8192" in f for f in big) and any("--packing" in f and not f & {"8192", "--qlora"} for f in big)
+
+
+def test_unknown_part_is_an_error():
+    with pytest.raises(SystemExit, match="parts"):
+        suite.entries("quick", 2)
+
+
+def test_run_logs_and_enforces_the_cap(tmp_path):
+    ok = suite.run(suite.Entry("ok", ("json.tool", "--help"), 60), tmp_path)
+    assert ok["rc"] == 0 and "json.tool" in (tmp_path / "ok.log").read_text()
+    slow = suite.Entry("slow", ("timeit", "-n", "1", "import time; time.sleep(30)"), 1)
+    assert suite.run(slow, tmp_path)["rc"] == "timeout"
+    bad = suite.run(suite.Entry("bad", ("json.tool", "/nonexistent/file"), 60), tmp_path)
+    assert bad["rc"] not in (0, "timeout")
+
+
+def test_main_records_each_entry_and_fails_on_a_failure(tmp_path, monkeypatch):
+    monkeypatch.setitem(suite.PRESETS, "probe", {1: [suite.Entry("good", ("json.tool", "--help"), 60),
+                                                     suite.Entry("broken", ("json.tool", "/nonexistent"), 60)]})
+    assert suite.main(["--preset", "probe", "--out", str(tmp_path)]) == 1
+    record = json.loads((tmp_path / "suite_probe.json").read_text())
+    assert [r["entry"] for r in record] == ["good", "broken"] and record[0]["rc"] == 0 and record[1]["rc"] != 0
+    assert (tmp_path / "RESULTS.md").exists()
+    assert sys.executable
