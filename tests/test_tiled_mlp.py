@@ -282,7 +282,7 @@ def test_gpu_bf16_8b_width_gradients_and_memory():
 
     def step(dtype):
         model.zero_grad(set_to_none=True)
-        x = x32.to(dtype).requires_grad_()
+        x = x32.detach().clone().to(dtype).requires_grad_()  # a fresh leaf each step (also for float32)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
