@@ -7,7 +7,8 @@
 
 ``--model demo``: the shipped demo Llama and chat data. ``--model llama-1b``: a randomly initialized Llama in the
 shape of Llama-3.2-1B (hidden 2048, 16 layers, vocab 128256, tied embeddings) on synthetic pre-tokenized chat rows
-(loss on the assistant part). LoRA r=16 on q,k,v,o,gate,up,down, packing, bf16 on GPU, AdamW.
+(loss on the assistant part); ``--qlora`` loads its decoder weights in NF4 (bitsandbytes) for QLoRA. LoRA r=16 on
+q,k,v,o,gate,up,down, packing, bf16 on GPU, AdamW.
 ``average_tokens_across_devices=True`` (TRL's default), so N processes x batch B train like one process on N*B.
 
 Prints the tokens/s (all ranks' non-padding input tokens, after the warm-up steps) and, with ``--json PATH``, writes
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -52,7 +54,7 @@ def word_tokenizer(vocab: int):
                                    pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def build(name: str, rows: int, max_length: int, device: str):
+def build(name: str, rows: int, max_length: int, device: str, qlora: bool = False, workdir: str | None = None):
     import torch
     from datasets import Dataset
 
@@ -65,10 +67,22 @@ def build(name: str, rows: int, max_length: int, device: str):
 
     config = LlamaConfig(**LLAMA_1B, attn_implementation="sdpa")
     torch.manual_seed(0)  # the same weights on every rank
+    tokenizer = word_tokenizer(config.vocab_size)
+    data = Dataset.from_list(synthetic_rows(rows, config.vocab_size, max_length))
+    if qlora:
+        # A random model has no checkpoint to quantize on load: save it (each rank its own copy) and load it back
+        # the way users load QLoRA, NF4 with double quantization through bitsandbytes on this rank's GPU.
+        from fastsft import load
+
+        with torch.device(device):
+            LlamaForCausalLM(config).to(dtype).save_pretrained(workdir)
+        tokenizer.save_pretrained(workdir)
+        torch.cuda.empty_cache()
+        model, _ = load(workdir, dtype=dtype, load_in_4bit=True, patch=False)
+        return model, tokenizer, data
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
-    return model, word_tokenizer(config.vocab_size), Dataset.from_list(synthetic_rows(rows, config.vocab_size,
-                                                                                      max_length))
+    return model, tokenizer, data
 
 
 def main(argv=None) -> dict:
@@ -82,8 +96,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-packing", dest="packing", action="store_false")
     parser.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing")
     parser.add_argument("--no-patch", dest="patch", action="store_false", help="plain TRL, for comparison")
+    parser.add_argument("--qlora", action="store_true", help="llama-1b base weights in NF4 (bitsandbytes; needs CUDA)")
     parser.add_argument("--json", help="write the results here (rank 0)")
     a = parser.parse_args(argv)
+    if a.qlora and a.model != "llama-1b":
+        parser.error("--qlora needs --model llama-1b")
 
     import torch
     from peft import LoraConfig
@@ -95,10 +112,13 @@ def main(argv=None) -> dict:
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device != "cpu":
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_rank)  # bitsandbytes quantizes onto the current device
+    elif a.qlora:
+        parser.error("--qlora needs a CUDA GPU (bitsandbytes 4-bit)")
     max_length = a.max_length if a.model == "llama-1b" else min(a.max_length, 512)
     rows = a.steps * a.batch * a.accumulation * world * (3 if a.packing else 1) + 16
-    model, tokenizer, dataset = build(a.model, rows, max_length, device)
+    with tempfile.TemporaryDirectory() as workdir:
+        model, tokenizer, dataset = build(a.model, rows, max_length, device, a.qlora, workdir)
 
     class Clock(TrainerCallback):
         marks: list = []
@@ -134,8 +154,11 @@ def main(argv=None) -> dict:
         if trainer.is_fsdp_enabled else None,
         "device": torch.cuda.get_device_name(local_rank) if device != "cpu" else "cpu",
         "per_device_batch": a.batch, "accumulation": a.accumulation, "max_length": max_length,
-        "packing": a.packing, "checkpointing": a.checkpointing, "patched": a.patch,
+        "packing": a.packing, "checkpointing": a.checkpointing, "patched": a.patch, "qlora": a.qlora,
         "steps_timed": len(clock.marks) - warm, "tokens_per_s": (n1 - n0) / (t1 - t0),
+        # the median step is blind to one-off stalls (a kernel compiled for a new shape inside the timed steps)
+        "median_step_tokens_per_s": statistics.median(
+            (nb - na) / (tb - ta) for (ta, na), (tb, nb) in zip(clock.marks[max(warm - 1, 0):], clock.marks[warm:])),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }
     if device != "cpu":
