@@ -175,3 +175,27 @@ def test_unsupported_model_keeps_trls_head(tmp_path):
         trainer = train(fastsft.SFTTrainer, tmp_path, model=gpt2, steps=1, lora=False)
     assert not trainer.patch_report.supported and not fastsft.patching.is_patched(trainer.model)
     assert torch.isfinite(torch.tensor(step_logs(trainer, "loss"))).all()
+
+
+def _find_unused(trainer) -> bool:
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    handlers = [h for h in trainer._build_accelerator_args()["kwargs_handlers"]
+                if isinstance(h, DistributedDataParallelKwargs)]
+    assert len(handlers) == 1
+    return handlers[0].find_unused_parameters
+
+
+@pytest.mark.parametrize("case", ["lora", "user_set_true", "modules_to_save", "stock_trl"])
+def test_ddp_skips_the_unused_parameter_search_for_lora_only(tmp_path, case):
+    """DDP's per-step search for unused parameters is turned off when only LoRA adapters train and the user left
+    ddp_find_unused_parameters unset; an explicit setting, other trainable weights and stock TRL keep transformers'
+    choice (True for a PEFT model)."""
+    lora = LoraConfig(r=8, target_modules="all-linear",
+                      modules_to_save=["lm_head"] if case == "modules_to_save" else None)
+    args = trl.SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=64,
+                         ddp_find_unused_parameters=True if case == "user_set_true" else None)
+    trainer_class = trl.SFTTrainer if case == "stock_trl" else fastsft.SFTTrainer
+    trainer = trainer_class(model=demo_model(**SMALL_DEMO), args=args, train_dataset=demo_dataset(8),
+                            processing_class=demo_tokenizer(), peft_config=lora)
+    assert _find_unused(trainer) is (case != "lora")
