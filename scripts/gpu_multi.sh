@@ -104,6 +104,20 @@ summary["ddp_scaling_target_1.9x_met"] = min(summary.get("ddp_scaling", 0),
                                              summary.get("ddp_scaling_median_step", 0)) >= 1.9
 summary["ok"] = ok
 (out / "multi_gpu.json").write_text(json.dumps(summary, indent=1))
+# the same in the result format of bench/results (card, versions, commit; one row per run): multi_gpu_result.json
+sys.path.insert(0, str(Path.cwd()))
+from bench import harness
+rows = [{"run": n, **{k: r.get(k) for k in ("processes", "distributed_type", "fsdp_version", "qlora", "per_device_batch",
+                                          "accumulation", "max_length", "steps_timed", "tokens_per_s",
+                                          "median_step_tokens_per_s", "peak_GiB")},
+         "scaling": summary.get(f"{n}_scaling"), "scaling_median_step": summary.get(f"{n}_scaling_median_step"),
+         "max_loss_rel_diff": summary.get(f"{n}_max_loss_rel_diff"), "first_losses": r["losses"][:5]}
+        for n, r in runs.items()]
+harness.write(rows, out, "multi_gpu_result", ["run", "processes", "distributed_type", "qlora", "per_device_batch",
+              "accumulation", "tokens_per_s", "median_step_tokens_per_s", "scaling", "scaling_median_step",
+              "peak_GiB", "max_loss_rel_diff"],
+              "Llama-1B shape, LoRA r=16, packing, 2048 tokens: 1 GPU against 2 GPUs (DDP, FSDP2)",
+              extra={"summary": {k: v for k, v in summary.items() if k != "runs"}})
 print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
 sys.exit(0 if ok else 1)
 PY
