@@ -457,6 +457,54 @@ def test_eligibility_follows_peft_state():
     assert "variant" in lora_eligibility(dora)
 
 
+def test_cached_plan_follows_every_state_change():
+    """lora_parts caches each layer's plan; after every change PEFT or a user can make on the same module the
+    fused path agrees with the uncached eligibility check, and when it runs it matches PEFT's forward."""
+    from peft import LoraConfig
+
+    from fastsft.ops.lora import lora_parts
+
+    model = tiny_peft_model()
+    model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj"]))
+    m = lora_modules(model)["q_proj"]
+    x = make_x((3, 96), torch.float32, "cpu")
+
+    def check(what):
+        fused = lora_parts(m, x.dtype) is not None
+        assert fused == (lora_eligibility(m) is None), what
+        if fused:
+            (peft_out, _), (out, _) = peft_and_fused(m, x, "reference")
+            assert_close(out[0], peft_out[0], rtol=1e-5, name=what)
+        return fused
+
+    assert check("initial")
+    model.base_model.set_adapter("second")
+    assert check("second adapter active") and lora_parts(m, x.dtype)[1] == pytest.approx(2.0)
+    model.base_model.set_adapter("default")
+    m.set_scale("default", 0.5)  # scaling is read on every call, not cached
+    assert check("rescaled") and lora_parts(m, x.dtype)[1] == pytest.approx(0.5 * 16 / 8)
+    m.lora_dropout["default"] = torch.nn.Dropout(0.2)
+    assert not check("dropout added")
+    m.lora_dropout["default"] = torch.nn.Dropout(0.0)
+    assert check("dropout 0")
+    m.lora_dropout["default"].p = 0.3  # the same module, its rate changed
+    assert not check("dropout rate changed in place")
+    m.lora_dropout["default"].p = 0.0
+    assert check("dropout rate back to 0")
+    m.get_base_layer().weight.requires_grad_(True)
+    assert not check("base weight unfrozen")
+    m.get_base_layer().weight.requires_grad_(False)
+    m.get_base_layer().weight = torch.nn.Parameter(torch.randn(96, 96), requires_grad=False)
+    assert check("base weight replaced")
+    model.base_model.set_adapter(["default", "second"])
+    assert not check("two active adapters")
+    model.base_model.set_adapter("default")
+    m.merge()
+    assert not check("merged")
+    m.unmerge()
+    assert check("unmerged")
+
+
 # --- bitsandbytes NF4 base weights under PEFT's Linear4bit (QLoRA) -------------------------------------------------
 # The base weight both PEFT (through bitsandbytes) and the fused path compute with is the dequantized NF4 weight, so
 # the float64 reference is built from it: these tests measure the LoRA computation, not the quantization error.

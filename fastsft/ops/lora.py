@@ -379,20 +379,64 @@ def lora_eligibility(module) -> str | None:
     return None
 
 
+def _state_key(module) -> tuple:
+    """What :func:`lora_eligibility` depends on that PEFT or a user can change between calls, read straight from
+    the instance (PEFT's properties and ``nn.Module.__getattr__`` cost microseconds each, on every projection of
+    every layer): adapters enabled, merged and active; the base layer and its weight object, that weight's
+    ``requires_grad`` and whether it is quantized yet; the active adapter's A, B and dropout modules and the
+    dropout's rate."""
+    state = module.__dict__
+    active = state.get("_active_adapter")
+    active = (active,) if isinstance(active, str) else tuple(active or ())
+    children = state["_modules"]
+    base = children.get("base_layer")
+    weight = base._parameters.get("weight") if base is not None else None
+    per_adapter = []
+    for name in active:
+        dropout = children["lora_dropout"]._modules.get(name) if "lora_dropout" in children else None
+        per_adapter.append((id(children["lora_A"]._modules.get(name)) if "lora_A" in children else None,
+                            id(children["lora_B"]._modules.get(name)) if "lora_B" in children else None,
+                            id(dropout), getattr(dropout, "p", None)))
+    return (state.get("_disable_adapters"), tuple(state.get("merged_adapters", ())), active, id(base), id(weight),
+            getattr(weight, "requires_grad", None), getattr(weight, "quant_state", None) is not None,
+            tuple(per_adapter))
+
+
+_PLAN_ATTR = "_fastsft_lora_plan"
+
+
+def _plan(module):
+    """``(name, base, lora_A, lora_B)`` of an eligible layer, or None; cached on the module under the
+    :func:`_state_key` it was made for, and made again when that key changes."""
+    key = _state_key(module)
+    cached = module.__dict__.get(_PLAN_ATTR)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    plan = None
+    if lora_eligibility(module) is None:
+        name = [a for a in module.active_adapters if a in module.lora_A][0]
+        plan = (name, module.get_base_layer(), module.lora_A[name], module.lora_B[name])
+    module.__dict__[_PLAN_ATTR] = (key, plan)  # not a Module attribute: no state_dict entry, no __setattr__
+    return plan
+
+
 def lora_parts(module, dtype: torch.dtype):
     """``((W, A, B), scaling)`` of an eligible PEFT LoRA layer for inputs of ``dtype``, or None with the layer
     not eligible or its dense base weight of another dtype. ``W`` is the base weight tensor or a
     :class:`Bnb4bitWeight`; ``A`` and ``B`` are cast to ``dtype`` (a differentiable cast: float32 adapters with a
     bfloat16 base get float32 gradients)."""
-    if lora_eligibility(module) is not None:
+    plan = _plan(module)
+    if plan is None:
         return None
-    name = [a for a in module.active_adapters if a in module.lora_A][0]
-    base = module.get_base_layer()
-    weight = Bnb4bitWeight(base.weight) if _is_4bit(base) else base.weight
-    if isinstance(weight, torch.Tensor) and weight.dtype != dtype:
+    name, base, lora_a, lora_b = plan
+    weight = base._parameters["weight"]
+    if _is_4bit(base):
+        weight = Bnb4bitWeight(weight)
+    elif weight.dtype != dtype:
         return None
-    a, b = module.lora_A[name].weight, module.lora_B[name].weight
-    return (weight, a.to(dtype), b.to(dtype)), float(module.scaling[name])
+    a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
+    return (weight, a if a.dtype == dtype else a.to(dtype), b if b.dtype == dtype else b.to(dtype)), \
+        float(module.scaling[name])
 
 
 def fused_lora_forward(module, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor | None:
