@@ -199,3 +199,18 @@ def test_ddp_skips_the_unused_parameter_search_for_lora_only(tmp_path, case):
     trainer = trainer_class(model=demo_model(**SMALL_DEMO), args=args, train_dataset=demo_dataset(8),
                             processing_class=demo_tokenizer(), peft_config=lora)
     assert _find_unused(trainer) is (case != "lora")
+
+
+def test_floating_point_ops_counts_parameters_once_per_train_call(tmp_path, monkeypatch):
+    """total_flos equals stock TRL's; the parameter count behind it is taken once per train() call, not per batch."""
+    fast = train(fastsft.SFTTrainer, tmp_path, steps=4, train=False)
+    calls = []
+    model = fast.model
+    count = model.num_parameters
+    monkeypatch.setattr(model, "num_parameters", lambda **kw: calls.append(kw) or count(**kw), raising=False)
+    fast.train()
+    stock = train(trl.SFTTrainer, tmp_path, steps=4)
+    assert fast.state.total_flos == stock.state.total_flos > 0
+    assert calls == [{"exclude_embeddings": True}]
+    fast.train()  # a second call counts again (the model may have changed in between)
+    assert len(calls) == 2
