@@ -186,17 +186,24 @@ def analyze(trace: dict, *, top: int = 10, has_device: bool = True) -> dict:
                          "next_kernel": after[2][:120] if after else None,
                          "next_launch": launches.get(after[3]) if after else None})
     totals: dict[str, list] = {}
+    by_launcher: dict[str, list] = {}  # the framework op behind each device event: where the launches come from
     windows = [(lo, hi) for _, lo, hi in trace["steps"]]
-    for start, end, name, _ in device:
+    for start, end, name, correlation in device:
         if any(start < hi and end > lo for lo, hi in windows):
             entry = totals.setdefault(name, [0, 0])
             entry[0] += end - start
             entry[1] += 1
+            entry = by_launcher.setdefault(launches.get(correlation) or "(no framework op)", [0, 0])
+            entry[0] += end - start
+            entry[1] += 1
+    n_steps = len(windows) or 1
+    launchers = [{"op": op, "events_per_step": n / n_steps, "device_ms_per_step": ns / 1e6 / n_steps}
+                 for op, (ns, n) in sorted(by_launcher.items(), key=lambda kv: -kv[1][1])[:top]]
     device_total = sum(v[0] for v in totals.values()) or 1  # summed, not the union: shares add up to 1
     kernels = [{"kernel": name, "total_ms": ns / 1e6, "calls": n, "share": ns / device_total}
                for name, (ns, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
     fractions = [s["busy_fraction"] for s in steps if s["busy_fraction"] is not None]
-    return {"steps": steps, "gaps": gap_rows, "kernels": kernels,
+    return {"steps": steps, "gaps": gap_rows, "kernels": kernels, "launchers": launchers,
             "busy_fraction_median": statistics.median(fractions) if fractions else None,
             "step_ms_median": statistics.median(s["wall_ms"] for s in steps) if steps else None}
 
@@ -281,6 +288,9 @@ def _md_sections(result: dict) -> str:
     lines += ["", "## Kernels by total time (active steps)", ""]
     lines += table([dict(k, kernel=k["kernel"][:100]) for k in result["kernels"]],
                    ["kernel", "total_ms", "calls", "share"])
+    if result.get("launchers"):
+        lines += ["", "## Device events by the framework op that launched them (per step, most first)", ""]
+        lines += table(result["launchers"], ["op", "events_per_step", "device_ms_per_step"])
     return "\n".join(lines) + "\n"
 
 

@@ -77,6 +77,9 @@ def test_analyze_a_made_up_trace():
     assert [(k["kernel"], k["calls"]) for k in out["kernels"]] == [("gemm", 2), ("norm", 1)]
     assert out["kernels"][0]["total_ms"] == pytest.approx(9)
     assert sum(k["share"] for k in out["kernels"]) == pytest.approx(1)
+    # launches per step by the framework op behind them (2 steps): aten::mm launched both gemms
+    assert [(r["op"], r["events_per_step"]) for r in out["launchers"]] == [("aten::mm", 1), ("aten::rms_norm", 0.5)]
+    assert out["launchers"][0]["device_ms_per_step"] == pytest.approx(4.5)
 
 
 def test_events_from_a_chrome_trace():
