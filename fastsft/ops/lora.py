@@ -375,6 +375,10 @@ def lora_eligibility(module) -> str | None:
     base = module.get_base_layer()
     if getattr(base, "bias", None) is not None:
         return "the base layer has a bias"
+    if _is_4bit(base) and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+        # bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel (on the first CPU forward in
+        # eval mode without grad, with AVX512-BF16); dequantize_4bit cannot read that layout
+        return "the 4-bit weight is repacked for bitsandbytes' CPU kernel"
     if not _is_4bit(base):
         if not isinstance(base, torch.nn.Linear):
             return f"base layer {type(base).__name__} is not nn.Linear or a bitsandbytes Linear4bit"
@@ -389,14 +393,15 @@ def _state_key(module) -> tuple:
     """What :func:`lora_eligibility` depends on that PEFT or a user can change between calls, read straight from
     the instance (PEFT's properties and ``nn.Module.__getattr__`` cost microseconds each, on every projection of
     every layer): adapters enabled, merged and active; the base layer and its weight object, that weight's
-    ``requires_grad`` and whether it is quantized yet; the active adapter's A, B and dropout modules and the
-    dropout's rate."""
+    ``requires_grad``, whether it is quantized yet and whether bitsandbytes repacked it for its CPU kernel; the
+    active adapter's A, B and dropout modules and the dropout's rate."""
     state = module.__dict__
     active = state.get("_active_adapter")
     active = (active,) if isinstance(active, str) else tuple(active or ())
     children = state["_modules"]
     base = children.get("base_layer")
     weight = base._parameters.get("weight") if base is not None else None
+    quant_state = getattr(weight, "quant_state", None)
     per_adapter = []
     for name in active:
         dropout = children["lora_dropout"]._modules.get(name) if "lora_dropout" in children else None
@@ -404,8 +409,8 @@ def _state_key(module) -> tuple:
                             id(children["lora_B"]._modules.get(name)) if "lora_B" in children else None,
                             id(dropout), getattr(dropout, "p", None)))
     return (state.get("_disable_adapters"), tuple(state.get("merged_adapters", ())), active, id(base), id(weight),
-            getattr(weight, "requires_grad", None), getattr(weight, "quant_state", None) is not None,
-            tuple(per_adapter))
+            getattr(weight, "requires_grad", None), quant_state is not None,
+            bool(getattr(quant_state, "packing_format_for_cpu", False)), tuple(per_adapter))
 
 
 _PLAN_ATTR = "_fastsft_lora_plan"

@@ -116,14 +116,6 @@ def lora_4bit_enabled() -> bool:
     return os.environ.get(LORA_4BIT_ENV, "1") != "0"
 
 
-def _cpu_packed(module) -> bool:
-    """Whether bitsandbytes has repacked this 4-bit weight for its CPU inference kernel (it does so in place on the
-    first CPU forward in eval mode without grad, with AVX512-BF16): ``dequantize_4bit`` cannot read that layout, so
-    such a layer runs PEFT's forward."""
-    state = getattr(getattr(getattr(module, "base_layer", None), "weight", None), "quant_state", None)
-    return bool(getattr(state, "packing_format_for_cpu", False))
-
-
 def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
     """Route eligible PEFT LoRA ``Linear`` layers through ``fastsft.ops.lora_linear``; ``Linear4bit`` ones too unless
     ``FASTSFT_LORA_4BIT=0`` (see :func:`lora_4bit_enabled`)."""
@@ -131,7 +123,7 @@ def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
     from fastsft.ops.lora import fused_lora_forward
 
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs and not _cpu_packed(self):
+        if not args and not kwargs:  # fused_lora_forward is None for a layer no longer eligible
             out = fused_lora_forward(self, x, backend=backend)
             if out is not None:
                 return out
@@ -204,8 +196,7 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
             return type(self).forward(self, x, *args, **kwargs)
         if fuse_lora and not checkpointed(self):
             projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
-            parts = [None if _is_4bit(p) and (not fuse_4bit or _cpu_packed(p)) else lora_parts(p, x.dtype)
-                     for p in projections]
+            parts = [None if _is_4bit(p) and not fuse_4bit else lora_parts(p, x.dtype) for p in projections]
             if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
                 (g, scaling), (u, _), (d, _) = parts
                 return lora_mlp(x, g, u, d, scaling, activation, backend=backend)
