@@ -89,7 +89,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["demo", "llama-1b"], default="demo")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps, warm-up included")
-    parser.add_argument("--warmup", type=int, default=5, help="steps left out of the tokens/s")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="steps left out of the tokens/s (at least 1: the clock starts at a step's end)")
     parser.add_argument("--batch", type=int, default=4, help="per-device batch (packed sequences)")
     parser.add_argument("--accumulation", type=int, default=1, help="gradient accumulation steps")
     parser.add_argument("--max-length", type=int, default=2048)
@@ -99,6 +100,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--qlora", action="store_true", help="llama-1b base weights in NF4 (bitsandbytes; needs CUDA)")
     parser.add_argument("--json", help="write the results here (rank 0)")
     a = parser.parse_args(argv)
+    if not 1 <= a.warmup < a.steps:
+        parser.error(f"--warmup must be at least 1 and below --steps ({a.steps}), got {a.warmup}")
     if a.qlora and a.model != "llama-1b":
         parser.error("--qlora needs --model llama-1b")
 
@@ -146,7 +149,8 @@ def main(argv=None) -> dict:
         trainer.train()
 
     warm = min(a.warmup, len(clock.marks) - 1)
-    (t0, n0), (t1, n1) = clock.marks[warm - 1] if warm > 0 else (clock.marks[0][0], 0), clock.marks[-1]
+    timed = clock.marks[warm - 1:]  # step-end marks from the last warm-up step on
+    (t0, n0), (t1, n1) = timed[0], timed[-1]
     result = {
         "model": a.model, "processes": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type).split(".")[-1],
@@ -158,7 +162,7 @@ def main(argv=None) -> dict:
         "steps_timed": len(clock.marks) - warm, "tokens_per_s": (n1 - n0) / (t1 - t0),
         # the median step is blind to one-off stalls (a kernel compiled for a new shape inside the timed steps)
         "median_step_tokens_per_s": statistics.median(
-            (nb - na) / (tb - ta) for (ta, na), (tb, nb) in zip(clock.marks[max(warm - 1, 0):], clock.marks[warm:])),
+            (nb - na) / (tb - ta) for (ta, na), (tb, nb) in zip(timed, timed[1:])),
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }
     if device != "cpu":
