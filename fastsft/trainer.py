@@ -219,9 +219,9 @@ class SFTTrainer(trl.SFTTrainer):
 
     def _build_accelerator_args(self, **kwargs):
         # transformers asks DDP to search for unused parameters after every forward unless the model is a plain
-        # PreTrainedModel with checkpointing, so a PEFT model always pays that graph walk on the host (the 1B shape
-        # on 2 GPUs lost a third of a step to it). Every LoRA adapter weight takes part in every forward, so when
-        # they are all that trains and the user set nothing, DDP is told so.
+        # PreTrainedModel with checkpointing, so a PEFT model always pays that graph walk on the host. Every LoRA
+        # adapter weight takes part in every forward, so when they are all that trains and the user set nothing,
+        # DDP is told so.
         args = super()._build_accelerator_args(**kwargs)
         if self.args.ddp_find_unused_parameters is None and _trains_only_lora(self.model):
             from accelerate.utils import DistributedDataParallelKwargs
