@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +15,18 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # The shipped demo model shrunk for tests: trains a step in well under a second on the CPU
 SMALL_DEMO = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """A script of the repository that is not part of the package (scripts/, examples/), imported as a module."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

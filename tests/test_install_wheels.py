@@ -1,20 +1,16 @@
 """scripts/install_wheels.py: a wheel is installed on the GPU machine only when its package is missing or older."""
 
 import importlib.metadata
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "install_wheels.py"
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def install_wheels():
-    spec = importlib.util.spec_from_file_location("install_wheels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/install_wheels.py")
 
 
 def test_needed_only_when_missing_or_older(install_wheels):

@@ -1,20 +1,14 @@
 """examples/sft_multi_gpu.py rejects settings it cannot time or run (the runs themselves: scripts/gpu_multi.sh)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sft_multi_gpu.py"
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("sft_multi_gpu", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/sft_multi_gpu.py")
 
 
 @pytest.mark.parametrize("argv,message", [
