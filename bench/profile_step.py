@@ -204,8 +204,48 @@ def analyze(trace: dict, *, top: int = 10, has_device: bool = True) -> dict:
                for name, (ns, n) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]]
     fractions = [s["busy_fraction"] for s in steps if s["busy_fraction"] is not None]
     return {"steps": steps, "gaps": gap_rows, "kernels": kernels, "launchers": launchers,
+            **host_time(trace["cpu"], windows, top),
             "busy_fraction_median": statistics.median(fractions) if fractions else None,
             "step_ms_median": statistics.median(s["wall_ms"] for s in steps) if steps else None}
+
+
+def host_time(cpu: list[tuple], windows: list[tuple], top: int = 10) -> dict:
+    """Where the host's time goes in the step ``windows``: per CPU event name its self time (its length less that
+    of the events nested in it on the same thread) and count, per step, most time first; and per thread the time
+    covered by any event. A long self time on ``cudaStreamSynchronize`` or ``cudaMemcpyAsync`` means the host
+    waited for the GPU; on a ``user_annotation`` (a ``record_function`` range, e.g. the trainer's), Python
+    running between ops. Events are assigned to the step in which they start."""
+    starts = [lo for lo, _ in windows]
+    by_name: dict[tuple, list] = {}
+    by_thread: dict[int, list] = {}
+    stacks: dict[int, list] = {}  # per thread: the enclosing events still open, as [end, key, child_ns]
+
+    def close(stack, until):
+        while stack and stack[-1][0] <= until:
+            end, key, length, children = stack.pop()
+            by_name[key][0] += length - children
+
+    for start, end, name, thread, _, kind in sorted(cpu, key=lambda c: (c[0], -c[1])):
+        i = bisect.bisect_right(starts, start) - 1
+        if i < 0 or start >= windows[i][1]:
+            continue
+        stack = stacks.setdefault(thread, [])
+        close(stack, start)
+        key = (name, kind)
+        by_name.setdefault(key, [0, 0])[1] += 1
+        if stack:
+            stack[-1][3] += end - start
+        else:
+            by_thread.setdefault(thread, []).append((start, end))
+        stack.append([end, key, end - start, 0])
+    for stack in stacks.values():
+        close(stack, float("inf"))
+    n = len(windows) or 1
+    rows = [{"name": name[:100], "kind": kind, "self_ms_per_step": ns / 1e6 / n, "calls_per_step": calls / n}
+            for (name, kind), (ns, calls) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]
+    threads = [{"thread": t, "busy_ms_per_step": union_length(iv) / 1e6 / n}
+               for t, iv in sorted(by_thread.items(), key=lambda kv: -union_length(kv[1]))]
+    return {"host_self_time": rows, "host_threads": threads}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -291,6 +331,11 @@ def _md_sections(result: dict) -> str:
     if result.get("launchers"):
         lines += ["", "## Device events by the framework op that launched them (per step, most first)", ""]
         lines += table(result["launchers"], ["op", "events_per_step", "device_ms_per_step"])
+    if result.get("host_self_time"):
+        lines += ["", "## Host: CPU events by self time (per step, most first)", ""]
+        lines += table(result["host_self_time"], ["name", "kind", "self_ms_per_step", "calls_per_step"])
+        lines += ["", "## Host: time each thread spent inside any event (per step)", ""]
+        lines += table(result["host_threads"], ["thread", "busy_ms_per_step"])
     return "\n".join(lines) + "\n"
 
 

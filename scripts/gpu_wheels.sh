@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash ../shared/tools/gpu-wheels.sh > /dev/null
 download() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 \
     --platform any -d .whl "$@"
 }
 download tensorboard==2.21.0 tensorboard-data-server==0.7.2 grpcio==1.85.3 absl-py==2.5.1 Markdown==3.11.3 \
@@ -20,6 +20,8 @@ download tensorboard==2.21.0 tensorboard-data-server==0.7.2 grpcio==1.85.3 absl-
   opentelemetry-exporter-otlp-proto-common==1.45.2 opentelemetry-exporter-http-transport==0.66b2 \
   opentelemetry-exporter-otlp-common==0.66b2 googleapis-common-protos==1.76.0 requests==2.34.2 \
   anyio httpx httpcore h11 sniffio distro
+# a sampling profiler for the host side of a training step (bench/README.md)
+download py-spy==0.4.3
 python3 - <<'PY'
 import csv, io, zipfile
 from pathlib import Path

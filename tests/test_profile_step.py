@@ -80,6 +80,15 @@ def test_analyze_a_made_up_trace():
     # launches per step by the framework op behind them (2 steps): aten::mm launched both gemms
     assert [(r["op"], r["events_per_step"]) for r in out["launchers"]] == [("aten::mm", 1), ("aten::rms_norm", 0.5)]
     assert out["launchers"][0]["device_ms_per_step"] == pytest.approx(4.5)
+    # host self time per step (2 steps): train_step's 20 ms less aten::mm's 1 and aten::item's 4; the sync inside
+    # aten::item is its own 2 ms; aten::mm summed over both threads
+    host = {r["name"]: (r["self_ms_per_step"], r["calls_per_step"]) for r in out["host_self_time"]}
+    assert host == {"train_step": (pytest.approx(7.5), 0.5), "aten::mm": (pytest.approx(1), 1),
+                    "aten::item": (pytest.approx(1), 0.5), "cudaStreamSynchronize": (pytest.approx(1), 0.5),
+                    "aten::rms_norm": (pytest.approx(0.5), 0.5)}
+    assert out["host_self_time"][0]["kind"] == "user_annotation"
+    assert [(t["thread"], t["busy_ms_per_step"]) for t in out["host_threads"]] == [(1, pytest.approx(10)),
+                                                                                   (2, pytest.approx(1))]
 
 
 def test_events_from_a_chrome_trace():
