@@ -209,6 +209,171 @@ def test_bfloat16_against_baseline_gpu(backend, kind, activation):
     _low_precision_case("cuda", backend, torch.bfloat16, kind, activation)
 
 
+def _half_devices():
+    return [pytest.param("cpu", torch.float16, id="cpu-float16")] + (
+        [pytest.param("cuda", torch.bfloat16, id="cuda-bfloat16", marks=pytest.mark.gpu)]
+        if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,dtype", _half_devices())
+@pytest.mark.parametrize("kind", ["linear", "qkv", "mlp"])
+def test_float32_master_adapters_with_half_input(device, dtype, kind):
+    """float32 adapters with a half input (PEFT under autocast): the op casts them inside, as autocast casts PEFT's,
+    and returns float32 gradients of the adapters; equal to the op on half adapters cast outside (differentiably)
+    up to the half rounding the outside cast adds to the adapters' gradients."""
+    if backends.unavailable_reason(OP, "triton", torch.device(device)):
+        pytest.skip("the triton backend is not available")
+    H, r = 64, 8
+    sizes = {"linear": [(H, 96)], "qkv": [(H, 96), (H, 32), (H, 32)], "mlp": [(H, 160), (H, 160), (160, H)]}[kind]
+    projs = [make_proj(i, o, r, torch.float32, device) for i, o in sizes]
+    projs = [(w.to(dtype), a, b) for w, a, b in projs]
+    x = make_x((2, 7, H), dtype, device)
+
+    def run(ps, xx):
+        if kind == "linear":
+            return lora_linear(xx, *ps[0], 2.0, backend="triton")
+        if kind == "qkv":
+            return lora_qkv(xx, *ps, 2.0, backend="triton")
+        return lora_mlp(xx, *ps, 2.0, backend="triton")
+
+    adapters = [t for p in projs for t in p[1:]]
+    outs, grads = grads_of(run(projs, x), (x, *adapters))
+    assert all(g.dtype == torch.float32 for g in grads[1:])
+    xb = x.detach().clone().requires_grad_()
+    want_outs, want_grads = grads_of(run([(w, a.to(dtype), b.to(dtype)) for w, a, b in projs], xb),
+                                     (xb, *adapters))
+    for o, wo in zip(outs, want_outs):
+        assert o.dtype == dtype and torch.equal(o, wo)  # the same half adapters, the same GEMMs
+    assert torch.equal(grads[0], want_grads[0])
+    for i, (g, wg) in enumerate(zip(grads[1:], want_grads[1:])):
+        assert_close(g, wg, rtol=1e-2, name=f"{kind} adapter grad {i}")
+
+
+def test_step_casts_reuse_and_invalidation():
+    from fastsft.ops.lora import StepCasts
+
+    casts = StepCasts()
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    first = casts.get(p, torch.float16)
+    assert first.dtype == torch.float16 and torch.equal(first, p.detach().half())
+    assert casts.get(p, torch.float16) is first  # reused within the step
+    assert casts.get(p, torch.bfloat16) is not first  # per dtype
+    with torch.no_grad():
+        p.add_(1.0)  # an optimizer's in-place update bumps the version
+    second = casts.get(p, torch.float16)
+    assert second is not first and torch.equal(second, p.detach().half())
+    p.data.copy_(torch.zeros(4, 6))  # a write that bumps no version (bitsandbytes' 8-bit optimizers write so)
+    assert casts.get(p, torch.float16) is second  # not seen within a step ...
+    casts.new_step()
+    assert torch.equal(casts.get(p, torch.float16), torch.zeros(4, 6, dtype=torch.float16))  # ... but at the next
+
+
+def test_patched_model_casts_adapters_once_per_step(monkeypatch):
+    """A patched float16 PEFT model with float32 adapters under gradient checkpointing: each adapter weight is
+    cast once per step (forward and recomputation share the copy), the gradients are float32 and equal the
+    unpatched model's up to rounding, and a weight written without a version bump between steps is used anew."""
+    import fastsft
+    from fastsft.ops import lora as lora_ops
+
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")):
+        pytest.skip("the triton backend is not available")
+    torch.manual_seed(0)
+    model = tiny_peft_model()
+    model.base_model.model.to(torch.float16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 64, (2, 9))
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert len(adapters) == 14 and all(p.dtype == torch.float32 for p in adapters)
+
+    def step():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in adapters]
+
+    want_loss, want_grads = step()  # unpatched: PEFT's own path
+    fastsft.patch(model, fused_cross_entropy=False, attention=False, rms_norm=False, gated_activation=False,
+                  rope=False, backend="triton")
+    fastsft.patching.refresh(model)
+    made = []
+    real_get = lora_ops.StepCasts.get
+
+    def counting_get(self, t, dtype):
+        out = real_get(self, t, dtype)
+        made.append(out)
+        return out
+
+    monkeypatch.setattr(lora_ops.StepCasts, "get", counting_get)
+    loss, grads = step()
+    distinct = {id(t) for t in made}
+    assert len(distinct) == len(adapters)  # one copy per adapter weight, reused by the recomputation and backward
+    assert len(made) == 2 * len(adapters)  # asked for in the forward and the recomputation, not in backward
+    # PEFT without autocast computes a float32 adapter's product in float32, the fused op in the input's half
+    # dtype (as under autocast, where training runs): agreement up to half rounding
+    assert_close(loss, want_loss, rtol=1e-3, name="loss")
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == torch.float32
+        assert_close(g, w, rtol=1e-2, name="adapter grad")
+    stale_loss = loss
+    for p in adapters:  # an update invisible to the version counter, between steps
+        p.data.mul_(-3.0)
+    fastsft.unpatch(model)
+    want_loss, _ = step()
+    fastsft.patch(model, fused_cross_entropy=False, attention=False, rms_norm=False, gated_activation=False,
+                  rope=False, backend="triton")
+    fastsft.patching.refresh(model)
+    loss, _ = step()
+    assert_close(loss, want_loss, rtol=1e-3, name="loss after an unversioned update")
+    assert abs(loss - want_loss) < abs(loss - stale_loss) / 10  # the halved weights were used, not last step's
+
+
+def test_patched_attention_runs_qkv_as_one_op(monkeypatch):
+    """A patched PEFT model runs each attention module's q, k and v LoRA layers as one lora_qkv op (one call per
+    layer and forward), with PEFT's outputs and gradients; a k_proj called on another input than q_proj's gets
+    its own result, and a k layer left to PEFT keeps q on its own path."""
+    import fastsft
+    from fastsft.ops import lora as lora_ops
+
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")):
+        pytest.skip("the triton backend is not available")
+    torch.manual_seed(0)
+    model = tiny_peft_model()
+    ids = torch.randint(0, 64, (2, 9))
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    want = grads_of(model(input_ids=ids).logits, adapters)
+    switches = dict(fused_cross_entropy=False, attention=False, rms_norm=False, gated_activation=False, rope=False,
+                    backend="triton")
+    report = fastsft.patch(model, **switches)
+    fastsft.patching.refresh(model)
+    report = fastsft.patching.refresh(model)
+    assert "q/k/v in one op in 1 attention modules" in report.patched["lora"], str(report)
+    calls = []
+    real = lora_ops.lora_qkv
+    monkeypatch.setattr(lora_ops, "lora_qkv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = grads_of(model(input_ids=ids).logits, adapters)
+    assert len(calls) == 1
+    compare(*got, *want, rtol=1e-5, what="patched model vs PEFT")
+
+    attn = model.base_model.model.model.layers[0].self_attn
+    x, y = make_x((2, 3, 96), torch.float32, "cpu"), make_x((2, 3, 96), torch.float32, "cpu")
+    attn.q_proj(x)  # leaves k's and v's outputs for x ...
+    fastsft.unpatch(model)
+    want_k = attn.k_proj(y)
+    fastsft.patch(model, **switches)
+    fastsft.patching.refresh(model)
+    attn.q_proj(x)
+    assert torch.equal(attn.k_proj(y), want_k)  # ... which a call on y does not get
+    assert "_fastsft_qkv_output" not in attn.k_proj.__dict__
+
+    model.base_model.model.model.layers[0].self_attn.k_proj.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    report = fastsft.patching.refresh(model)
+    assert "q/k/v in one op" not in report.patched["lora"] and "dropout" in report.patched["lora"], str(report)
+
+
 # --- 4-bit base weights: an object that dequantizes on demand -----------------------------------------------------
 
 class FakeNF4:

@@ -22,6 +22,7 @@ Base weights may be 4-bit: pass, instead of a tensor, an object whose ``dequanti
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -30,22 +31,27 @@ from fastsft.reference import lora as reference
 
 OP = "lora"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_HALF = (torch.float16, torch.bfloat16)
 MLP_ACTIVATIONS = dict(reference.ACTIVATIONS)  # "swiglu" -> "silu", "geglu" -> "gelu", "geglu_tanh" -> "gelu_tanh"
 
 
 # --- public functions ----------------------------------------------------------------------------------------
 
 def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, *,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", casts: StepCasts | None = None) -> torch.Tensor:
     """``x @ W.T + scaling * (x @ A.T) @ B.T``.
 
     Args:
         x: [..., in], float16/bfloat16/float32 (float64 too).
         weight: the frozen base weight [out, in] in ``x``'s dtype (``requires_grad=False``), or an object with
             ``dequantize()`` returning it (a 4-bit base; the result is cast to ``x``'s dtype).
-        lora_a: [r, in], lora_b: [out, r], in ``x``'s dtype. Their gradients are computed when they require grad.
+        lora_a: [r, in], lora_b: [out, r], in ``x``'s dtype, or float32 with a float16/bfloat16 ``x`` (master
+            weights, as PEFT keeps them under autocast: cast to ``x``'s dtype inside the op, as autocast would, and
+            their gradients returned in float32). Their gradients are computed when they require grad.
         scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+        casts: where float32 adapters' half-precision copies may be reused (see :class:`StepCasts`; the patched
+            model's); None casts them on every call.
 
     Returns [..., out] in ``x``'s dtype.
     """
@@ -53,11 +59,12 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Ten
     _check_projection("lora_linear", "", x, weight, lora_a, lora_b)
     x2 = x.reshape(-1, x.shape[-1])
     (out,) = backends.dispatch(OP, backend, x.device, "projections", x2, ((weight, lora_a, lora_b),),
-                               float(scaling), None)
+                               float(scaling), None, casts)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, scaling: float, *, backend: str = "auto"):
+def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, scaling: float, *, backend: str = "auto",
+             casts: StepCasts | None = None):
     """The query, key and value projections of one input, each ``(W, A, B)`` as in :func:`lora_linear`.
 
     Returns ``(q, k, v)``, each [..., out_i] in ``x``'s dtype. ``x`` is read once for the three adapters' down
@@ -68,12 +75,12 @@ def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, scaling: float, *, b
         _check_projection("lora_qkv", name, x, *_triple("lora_qkv", name, p))
     x2 = x.reshape(-1, x.shape[-1])
     outs = backends.dispatch(OP, backend, x.device, "projections", x2, (tuple(q), tuple(k), tuple(v)),
-                             float(scaling), None)
+                             float(scaling), None, casts)
     return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
 
 
 def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, scaling: float, activation: str = "swiglu", *,
-             backend: str = "auto") -> torch.Tensor:
+             backend: str = "auto", casts: StepCasts | None = None) -> torch.Tensor:
     """The gated MLP ``down(act(gate(x)) * up(x))`` with LoRA on all three projections, each ``(W, A, B)``.
 
     ``activation``: ``"swiglu"`` (Llama, Mistral, Qwen), ``"geglu"`` (exact gelu) or ``"geglu_tanh"`` (Gemma).
@@ -94,7 +101,7 @@ def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, scaling: floa
     if parts[2][2].shape[0] != x.shape[-1]:
         raise ValueError(f"lora_mlp: down must project back to {x.shape[-1]}, got {parts[2][2].shape[0]}")
     x2 = x.reshape(-1, x.shape[-1])
-    out = backends.dispatch(OP, backend, x.device, "mlp", x2, tuple(parts), float(scaling), activation)
+    out = backends.dispatch(OP, backend, x.device, "mlp", x2, tuple(parts), float(scaling), activation, casts)
     return out.reshape(x.shape)
 
 
@@ -120,8 +127,9 @@ def _check_projection(fn, name, x, weight, lora_a, lora_b):
     for arg, t in (("lora_a", lora_a), ("lora_b", lora_b)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{fn}: {label}{arg} must be a tensor, got {type(t).__name__}")
-        if t.dtype != x.dtype:
-            raise TypeError(f"{fn}: {label}{arg} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _HALF):
+            raise TypeError(f"{fn}: {label}{arg} must have x's dtype {x.dtype} (or float32 with a float16/bfloat16 "
+                            f"x), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{fn}: {label}{arg} is on {t.device}, x on {x.device}")
     if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[1] != x.shape[-1] or lora_b.shape[1] != lora_a.shape[0]:
@@ -159,7 +167,8 @@ def _dense(weight, obj, like: torch.Tensor, out_features: int, in_features: int)
 # --- reference backend ---------------------------------------------------------------------------------------
 
 @backends.register(OP, "reference")
-def _reference_backend(kind, x, projections, scaling, activation):
+def _reference_backend(kind, x, projections, scaling, activation, casts):
+    del casts  # the reference computes in float32 or wider: float32 adapters are used as they are
     if kind == "mlp":
         return reference.lora_mlp(x, *projections, scaling, activation)
     if len(projections) == 1:
@@ -170,7 +179,7 @@ def _reference_backend(kind, x, projections, scaling, activation):
 # --- fast backend: cuBLAS GEMMs, the MLP's activation in Triton -----------------------------------------------
 
 @backends.register(OP, "triton", available=backends.triton_available)
-def _triton_backend(kind, x, projections, scaling, activation):
+def _triton_backend(kind, x, projections, scaling, activation, casts):
     tensors, objs = [], []
     for w, a, b in projections:
         dense = isinstance(w, torch.Tensor)
@@ -182,8 +191,8 @@ def _triton_backend(kind, x, projections, scaling, activation):
                             "use backend='reference' for float64")
         from fastsft.triton_kernels import lora as kernels
 
-        return _LoraMlp.apply(x, scaling, MLP_ACTIVATIONS[activation], tuple(objs), kernels, *tensors)
-    return _LoraProjections.apply(x, scaling, tuple(objs), *tensors)
+        return _LoraMlp.apply(x, scaling, MLP_ACTIVATIONS[activation], tuple(objs), kernels, casts, *tensors)
+    return _LoraProjections.apply(x, scaling, tuple(objs), casts, *tensors)
 
 
 def _split(t: torch.Tensor, sizes):
@@ -195,8 +204,11 @@ class _LoraProjections(torch.autograd.Function):
     """N LoRA projections of one input (N=1: lora_linear, N=3: lora_qkv). Saves x and x @ A_cat.T only."""
 
     @staticmethod
-    def forward(ctx, x, scaling, objs, *tensors):
-        ws, as_, bs = tensors[0::3], tensors[1::3], tensors[2::3]
+    def forward(ctx, x, scaling, objs, casts, *tensors):
+        ws = tensors[0::3]
+        # float32 master adapters: computed with in x's dtype (as autocast would); copies, not saved for backward
+        as_ = [_compute_copy(a, x.dtype, casts) for a in tensors[1::3]]
+        bs = [_compute_copy(b, x.dtype, casts) for b in tensors[2::3]]
         ranks = [a.shape[0] for a in as_]
         a_cat = as_[0] if len(as_) == 1 else torch.cat(as_)
         xa = x @ a_cat.T  # [T, sum r]: x is read once for every adapter
@@ -206,18 +218,23 @@ class _LoraProjections(torch.autograd.Function):
             out.addmm_(xa_i, b.T, alpha=scaling)
             outs.append(out)
         ctx.save_for_backward(x, xa, *tensors)
+        # The half adapters are kept as they are, not saved: checkpointing hands saved parameters back as new
+        # (detached) tensors, so a lookup in backward would miss; these rank-r copies are small.
+        ctx.half = (as_, bs)
         ctx.scaling, ctx.objs, ctx.ranks = scaling, objs, ranks
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         x, xa, *tensors = ctx.saved_tensors
-        ws, as_, bs = tensors[0::3], tensors[1::3], tensors[2::3]
+        ws = tensors[0::3]
+        params = tensors[1::3], tensors[2::3]  # in their own dtype: the gradients' dtype
+        as_, bs = ctx.half
         s, ranks = ctx.scaling, ctx.ranks
         need_x = ctx.needs_input_grad[0]
         live = [i for i, g in enumerate(grads) if g is not None]
         if not live:
-            return (None,) * (3 + len(tensors))
+            return (None,) * (4 + len(tensors))
         # s * dY_i @ B_i for each head, side by side [T, sum r]; zero for a head whose output got no gradient
         dyb = x.new_zeros(x.shape[0], sum(ranks)) if len(live) < len(grads) else None
         parts = []
@@ -240,18 +257,18 @@ class _LoraProjections(torch.autograd.Function):
                 del w
             a_cat = as_[0] if len(as_) == 1 else torch.cat(as_)
             dx.addmm_(dyb, a_cat)
-        da_cat = dyb.T @ x if any(ctx.needs_input_grad[4::3]) else None
+        da_cat = _mm(dyb.T, x, params[0][0].dtype) if any(ctx.needs_input_grad[5::3]) else None
         da = torch.split(da_cat, ranks, dim=0) if da_cat is not None else [None] * len(ranks)
-        out = [dx, None, None]
+        out = [dx, None, None, None]
         xa_parts = _split(xa, ranks)
         for i in range(len(grads)):
-            need_a, need_b = ctx.needs_input_grad[3 + 3 * i + 1], ctx.needs_input_grad[3 + 3 * i + 2]
+            need_a, need_b = ctx.needs_input_grad[4 + 3 * i + 1], ctx.needs_input_grad[4 + 3 * i + 2]
             db = None
             if need_b and grads[i] is not None:
-                db = _mm_scaled(grads[i].T, xa_parts[i], s)
+                db = _mm_scaled(grads[i].T, xa_parts[i], s, params[1][i].dtype)
             elif need_b:
-                db = torch.zeros_like(bs[i])
-            out += [None, da[i] if need_a else None, db]
+                db = torch.zeros_like(params[1][i])
+            out += [None, _as_dtype(da[i], params[0][i]) if need_a else None, db]
         return tuple(out)
 
 
@@ -259,7 +276,9 @@ class _LoraMlp(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` with adapters; saves x, x @ [A_g; A_u].T and h @ A_d.T only."""
 
     @staticmethod
-    def forward(ctx, x, scaling, activation, objs, kernels, wg, ag, bg, wu, au, bu, wd, ad, bd):
+    def forward(ctx, x, scaling, activation, objs, kernels, casts, wg, *params):
+        ag, bg, wu, au, bu, wd, ad, bd = params
+        ag, bg, au, bu, ad, bd = (_compute_copy(t, x.dtype, casts) for t in (ag, bg, au, bu, ad, bd))
         rg = ag.shape[0]
         inter = bg.shape[0]
         agu = torch.cat((ag, au))
@@ -272,15 +291,20 @@ class _LoraMlp(torch.autograd.Function):
         ha = h @ ad.T  # [T, rd]
         y = h @ _dense(wd, objs[2], h, x.shape[1], inter).T
         y.addmm_(ha, bd.T, alpha=scaling)
-        ctx.save_for_backward(x, xa, ha, wg, ag, bg, wu, au, bu, wd, ad, bd)
+        ctx.save_for_backward(x, xa, ha, wg, *params)  # the adapters as given (their dtype: the gradients')
+        ctx.half = (ag, bg, au, bu, ad, bd)  # as in _LoraProjections: kept, not saved
         ctx.scaling, ctx.activation, ctx.objs, ctx.kernels = scaling, activation, objs, kernels
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, ha, wg, ag, bg, wu, au, bu, wd, ad, bd = ctx.saved_tensors
+        x, xa, ha, wg, *params = ctx.saved_tensors
+        p_ag, p_bg, wu, p_au, p_bu, wd, p_ad, p_bd = params
+        ag, bg, au, bu, ad, bd = ctx.half
         s, objs = ctx.scaling, ctx.objs
         rg, inter = ag.shape[0], bg.shape[0]
+        # inputs: x 0, scaling 1, activation 2, objs 3, kernels 4, casts 5, wg 6, ag 7, bg 8, wu 9, au 10, bu 11,
+        # wd 12, ad 13, bd 14
         need = ctx.needs_input_grad
         dyb = _mm_scaled(dy, bd, s)  # [T, rd]
         # d h = dY @ W_d + (s dY @ B_d) @ A_d
@@ -292,8 +316,8 @@ class _LoraMlp(torch.autograd.Function):
         u = _project(x, wu, xa[:, rg:], bu, s)
         ctx.kernels.lora_gated_backward(dh, g, u, ctx.activation)  # g <- dg, u <- du, dh <- h
         h, dg, du = dh, g, u
-        dad = dyb.T @ h if need[12] else None
-        dbd = _mm_scaled(dy.T, ha, s) if need[13] else None
+        dad = _mm(dyb.T, h, p_ad.dtype) if need[13] else None
+        dbd = _mm_scaled(dy.T, ha, s, p_bd.dtype) if need[14] else None
         del h, dh
         dgub = torch.cat((_mm_scaled(dg, bg, s), _mm_scaled(du, bu, s)), dim=1)  # [T, rg + ru]
         dx = None
@@ -301,19 +325,80 @@ class _LoraMlp(torch.autograd.Function):
             dx = dg @ wg
             dx.addmm_(du, wu)
             dx.addmm_(dgub, torch.cat((ag, au)))
-        da = dgub.T @ x if (need[6] or need[9]) else None
+        da = _mm(dgub.T, x, p_ag.dtype) if (need[7] or need[10]) else None
         xag, xau = xa[:, :rg], xa[:, rg:]
-        dbg = _mm_scaled(dg.T, xag, s) if need[7] else None
-        dbu = _mm_scaled(du.T, xau, s) if need[10] else None
-        dag = da[:rg] if need[6] else None
-        dau = da[rg:] if need[9] else None
-        return dx, None, None, None, None, None, dag, dbg, None, dau, dbu, None, dad, dbd
+        dbg = _mm_scaled(dg.T, xag, s, p_bg.dtype) if need[8] else None
+        dbu = _mm_scaled(du.T, xau, s, p_bu.dtype) if need[11] else None
+        dag = da[:rg] if need[7] else None
+        dau = _as_dtype(da[rg:], p_au) if need[10] else None
+        return dx, None, None, None, None, None, None, dag, dbg, None, dau, dbu, None, dad, dbd
 
 
-def _mm_scaled(a, b, scaling):
+def _mm_scaled(a, b, scaling, dtype=None):
     """``scaling * (a @ b)`` as one GEMM (cuBLAS's alpha) instead of a GEMM and a separate scaling kernel: with
-    ``beta=0`` the 0-d ``input`` is never read. The training step is host-bound, so each launch saved counts."""
-    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+    ``beta=0`` the 0-d ``input`` is never read. The training step is host-bound, so each launch saved counts.
+    ``dtype``: the result's, when it differs from the inputs' (a float32 gradient of a float32 master adapter)."""
+    if dtype is None or dtype == a.dtype:
+        return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+    return _mm(a, b, dtype).mul_(scaling)
+
+
+_OUT_DTYPE_GEMM = {"ok": None}  # cuBLAS half x half -> float32 GEMMs (torch.mm's out_dtype): None until tried
+
+
+def _mm(a, b, dtype):
+    """``a @ b`` with the result in ``dtype``: on a CUDA device one GEMM that writes float32 directly from its
+    float32 accumulators (torch's ``out_dtype``), elsewhere (or on a torch without it) a GEMM and a cast."""
+    if dtype == a.dtype:
+        return a @ b
+    if a.is_cuda and dtype == torch.float32 and a.dtype in _HALF and _OUT_DTYPE_GEMM["ok"] is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=dtype)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _OUT_DTYPE_GEMM["ok"] = False
+        else:
+            _OUT_DTYPE_GEMM["ok"] = True
+            return out
+    return (a @ b).to(dtype)
+
+
+def _as_dtype(t, like):
+    return t if t is None or t.dtype == like.dtype else t.to(like.dtype)
+
+
+class StepCasts:
+    """Half-precision copies of float32 adapter weights, reused within one training step.
+
+    PEFT keeps adapters in float32 under bf16/fp16 autocast and casts them at every use: the forward, then the
+    forward again when gradient checkpointing recomputes a layer in backward, then each gradient back to float32
+    (6 cast launches and 2 autograd nodes per projection and step; 1,344 per Llama-8B step). The fused ops take
+    the float32 weights themselves, make the half copies here and return float32 gradients, so each copy is made
+    once per step. ``new_step`` (a forward pre-hook on the patched model's decoder stack: not re-run by the
+    recomputation) drops every copy, so a weight updated between steps is never served stale even when its
+    update does not bump the tensor's version (bitsandbytes' 8-bit optimizers write through raw pointers);
+    within a step a copy is also remade when its weight's version or storage changed."""
+
+    def __init__(self):
+        self._copies: dict = {}
+
+    def new_step(self, *_):
+        self._copies = {}
+
+    def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        key = (id(t), dtype)
+        hit = self._copies.get(key)
+        if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
+            return hit[3]
+        copy = t.detach().to(dtype)
+        self._copies[key] = (weakref.ref(t), t._version, t.data_ptr(), copy)
+        return copy
+
+
+def _compute_copy(t, dtype, casts: StepCasts | None):
+    """``t`` in ``dtype`` for computing, outside autograd (a copy from ``casts`` when given)."""
+    if t.dtype == dtype:
+        return t
+    return casts.get(t, dtype) if casts is not None else t.detach().to(dtype)
 
 
 def _project(x, w, xa, b, scaling):
@@ -434,8 +519,9 @@ def _plan(module):
 def lora_parts(module, dtype: torch.dtype):
     """``((W, A, B), scaling)`` of an eligible PEFT LoRA layer for inputs of ``dtype``, or None with the layer
     not eligible or its dense base weight of another dtype. ``W`` is the base weight tensor or a
-    :class:`Bnb4bitWeight`; ``A`` and ``B`` are cast to ``dtype`` (a differentiable cast: float32 adapters with a
-    bfloat16 base get float32 gradients)."""
+    :class:`Bnb4bitWeight`. ``A`` and ``B`` are the adapter's parameters themselves when they have ``dtype`` or are
+    float32 with a float16/bfloat16 ``dtype`` (the fused ops cast those inside and return float32 gradients);
+    otherwise a differentiable cast to ``dtype``."""
     plan = _plan(module)
     if plan is None:
         return None
@@ -446,19 +532,38 @@ def lora_parts(module, dtype: torch.dtype):
     elif weight.dtype != dtype:
         return None
     a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
-    return (weight, a if a.dtype == dtype else a.to(dtype), b if b.dtype == dtype else b.to(dtype)), \
-        float(module.scaling[name])
+    return (weight, _adapter_for(a, dtype), _adapter_for(b, dtype)), float(module.scaling[name])
 
 
-def fused_lora_forward(module, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor | None:
+def _adapter_for(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if t.dtype == dtype or (t.dtype == torch.float32 and dtype in _HALF):
+        return t
+    return t.to(dtype)
+
+
+def fused_lora_forward(module, x: torch.Tensor, *, backend: str = "auto",
+                       casts: StepCasts | None = None) -> torch.Tensor | None:
     """PEFT LoRA ``module``'s forward of ``x`` through :func:`lora_linear`, or None when it is not eligible (see
     :func:`lora_eligibility`; also when ``x`` is not floating or the base weight has another dtype) so that the
     caller falls back to ``module(x)`` unchanged. Adapters' scaling (``alpha / r``, rsLoRA's ``alpha / sqrt(r)``)
-    is read from ``module.scaling``."""
+    is read from ``module.scaling``. ``casts``: see :class:`StepCasts` (the patched model passes its own)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
     parts = lora_parts(module, x.dtype)
     if parts is None:
         return None
     (weight, a, b), scaling = parts
-    return lora_linear(x, weight, a, b, scaling, backend=backend)
+    return lora_linear(x, weight, a, b, scaling, backend=backend, casts=casts)
+
+
+def fused_lora_qkv_forward(modules, x: torch.Tensor, *, backend: str = "auto",
+                           casts: StepCasts | None = None) -> tuple | None:
+    """The query, key and value PEFT LoRA layers ``modules`` applied to one input through :func:`lora_qkv` (one op:
+    ``x`` read once for the three adapters, one backward), or None when one of them is not eligible, their
+    scalings or base dtypes differ: the caller then runs them one by one."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return None
+    parts = [lora_parts(m, x.dtype) for m in modules]
+    if any(p is None for p in parts) or len({scaling for _, scaling in parts}) != 1:
+        return None
+    return lora_qkv(x, *(p for p, _ in parts), parts[0][1], backend=backend, casts=casts)

@@ -120,17 +120,31 @@ def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
     """Route eligible PEFT LoRA ``Linear`` layers through ``fastsft.ops.lora_linear``; ``Linear4bit`` ones too unless
     ``FASTSFT_LORA_4BIT=0`` (see :func:`lora_4bit_enabled`)."""
     from fastsft.ops import lora_eligibility
-    from fastsft.ops.lora import fused_lora_forward
+    from fastsft.ops.lora import fused_lora_forward, fused_lora_qkv_forward
+
+    casts = adapter_casts(causal_lm)
+    qkv = _qkv_triples(causal_lm)  # q_proj -> (q_proj, k_proj, v_proj) of one attention module
 
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs:  # fused_lora_forward is None for a layer no longer eligible
-            out = fused_lora_forward(self, x, backend=backend)
+        if not args and not kwargs:
+            # k_proj / v_proj: computed with q_proj on this very input (the attention module's next calls)
+            stash = self.__dict__.pop(_QKV_STASH, None)
+            if stash is not None and stash[0] is x:
+                return stash[1]
+            triple = qkv.get(self)
+            if triple is not None:
+                outs = fused_lora_qkv_forward(triple, x, backend=backend, casts=casts)
+                if outs is not None:
+                    for module, out in zip(triple[1:], outs[1:]):
+                        module.__dict__[_QKV_STASH] = (x, out)
+                    return outs[0]
+            out = fused_lora_forward(self, x, backend=backend, casts=casts)  # None: no longer eligible
             if out is not None:
                 return out
         return type(self).forward(self, x, *args, **kwargs)
 
     fuse_4bit = lora_4bit_enabled()
-    undos, eligible, eligible_4bit, reasons = [], 0, 0, {}
+    undos, eligible, eligible_4bit, reasons, fused = [], 0, 0, {}, set()
     for module in causal_lm.modules():
         if not _is_lora_linear(module):
             continue
@@ -140,15 +154,53 @@ def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
             continue
         eligible += 1
         eligible_4bit += _is_4bit(module)
+        fused.add(module)
         undos.append(_set_forward(module, forward))
     if not eligible and not reasons:
         raise LookupError("no PEFT LoRA layers in the model")
+    # a new step begins with each forward of the decoder stack (checkpointing's recomputation runs layers only)
+    hook = causal_lm.base_model.register_forward_pre_hook(casts.new_step)
+    undos.append(lambda: (hook.remove(), casts.new_step()))
+    for q in [q for q, triple in qkv.items() if not all(m in fused for m in triple)]:
+        del qkv[q]  # all three or none: a k or v layer left to PEFT keeps the q layer on its own
+    undos.append(lambda: [m.__dict__.pop(_QKV_STASH, None) for triple in qkv.values() for m in triple])
     detail = f"{eligible} LoRA layers fused"
     if eligible_4bit:
         detail += f" ({eligible_4bit} on a 4-bit base)"
+    if qkv:
+        detail += f", q/k/v in one op in {len(qkv)} attention modules"
     if reasons:
         detail += "; left to PEFT: " + ", ".join(f"{n} ({why})" for why, n in reasons.items())
     return detail, _chain(undos)
+
+
+CASTS_ATTR = "_fastsft_adapter_casts"
+# On k_proj / v_proj: (input, output) computed with q_proj's call on that input; popped by the next call
+_QKV_STASH = "_fastsft_qkv_output"
+
+
+def _qkv_triples(causal_lm) -> dict:
+    """``{q_proj: (q_proj, k_proj, v_proj)}`` for each attention module whose three projections are PEFT LoRA
+    layers. The attention forward calls them in that order on one input (Llama, Mistral, Qwen, Gemma): q_proj's
+    patched forward computes all three in one op and leaves k's and v's outputs for their calls, which hand them
+    out only for that same input tensor."""
+    triples = {}
+    for module in causal_lm.modules():
+        projections = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+        if all(p is not None and _is_lora_linear(p) for p in projections):
+            triples[projections[0]] = tuple(projections)
+    return triples
+
+
+def adapter_casts(causal_lm):
+    """The model's :class:`fastsft.ops.lora.StepCasts` (float32 adapters' half copies, reused within a step),
+    made on first use; kept in the instance ``__dict__`` (not a module attribute: no state_dict entry)."""
+    from fastsft.ops.lora import StepCasts
+
+    casts = causal_lm.__dict__.get(CASTS_ATTR)
+    if casts is None:
+        casts = causal_lm.__dict__[CASTS_ATTR] = StepCasts()
+    return casts
 
 
 def _mlp_modules(causal_lm):
@@ -179,6 +231,7 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
         return geglu(gate, up, approximate="tanh" if activation == "geglu_tanh" else "none", backend=backend)
 
     fuse_4bit = lora_4bit_enabled()  # the same switch as patch_lora's, read at the same time
+    casts = adapter_casts(causal_lm)  # patch_lora's, whose hook starts each step
     modules = _mlp_modules(causal_lm)
     # Each MLP's decoder layer: its `gradient_checkpointing` flag says whether this MLP is recomputed. The model's
     # own property walks every module and finds nothing when checkpointing is off (14 ms a call at 2,600 modules
@@ -199,7 +252,7 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
             parts = [None if _is_4bit(p) and not fuse_4bit else lora_parts(p, x.dtype) for p in projections]
             if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
                 (g, scaling), (u, _), (d, _) = parts
-                return lora_mlp(x, g, u, d, scaling, activation, backend=backend)
+                return lora_mlp(x, g, u, d, scaling, activation, backend=backend, casts=casts)
         if gated:
             return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
         return type(self).forward(self, x)
