@@ -33,9 +33,10 @@ def test_patched_loss_and_grads_match_unpatched(model_type):
     model, inputs = tiny_model(model_type), batch()
     expected_loss, expected_grads = loss_and_grads(model, inputs)
     report = fastsft.patch(model)
-    # every kernel the family has a place for (Cohere normalizes with LayerNorm, not RMSNorm)
-    expected = {"fused_cross_entropy", "attention", "gated_activation"} | ({"rms_norm"} if model_type != "cohere"
-                                                                           else set())
+    # every kernel the family has a place for (Cohere normalizes with LayerNorm, not RMSNorm, and rotates
+    # interleaved pairs, not halves)
+    expected = {"fused_cross_entropy", "attention", "gated_activation"} | ({"rms_norm", "rope"}
+                                                                           if model_type != "cohere" else set())
     assert report.patched.keys() == expected, str(report)
     out = model(**inputs)
     assert out.logits is None  # the fused path never builds them
@@ -116,7 +117,7 @@ def test_switches_and_report():
     assert report.patched["rms_norm"].startswith("reference: 5 modules")  # 2 layers x 2 norms + the final norm
     assert report.patched["attention"].startswith("providers:")
     assert "no PEFT LoRA layers" in report.skipped["lora"]  # a plain model: nothing to fuse
-    assert "extension point" in report.skipped["rope"]
+    assert report.patched["rope"] == "reference: 2 attention modules"
     text = str(report)
     assert "fused_cross_entropy" in text and "patched" in text and "backend reference" in text
     report = fastsft.patch(model, attention=False, rms_norm=False)

@@ -1,7 +1,9 @@
 """``patch`` / ``unpatch``: install fastsft's kernels on one model instance, and take them off again.
 
 Only the instance is changed (an instance attribute ``forward`` and the ``_fastsft_patch`` state), never the
-class, so other models of the same class are untouched and ``unpatch`` restores the exact previous behaviour.
+class, so other models of the same class are untouched and ``unpatch`` restores the exact previous behaviour. The
+one shared change, RoPE's replacement of a modeling module's ``apply_rotary_pos_emb``, acts for patched models only
+and is put back with the last of them (:mod:`fastsft.patching.rope`).
 ``train()``/``eval()``, gradient checkpointing (which wraps the decoder layers, not this forward) and
 ``save_pretrained`` (parameters only) do not see the patch.
 """
@@ -15,7 +17,7 @@ import torch
 
 from fastsft import backends
 from fastsft.ops.linear_cross_entropy import OP as LINEAR_CROSS_ENTROPY
-from fastsft.patching import modules
+from fastsft.patching import modules, rope as rope_patch
 from fastsft.patching.families import FAMILIES, KERNELS
 from fastsft.patching.lm_head import STATE_ATTR, PatchState, make_forward
 from fastsft.patching.report import PatchReport
@@ -120,18 +122,18 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
 
 def _chosen_backend(kernel: str, device, backend: str) -> str:
     op = {"fused_cross_entropy": LINEAR_CROSS_ENTROPY, "rms_norm": "rms_norm", "lora": "lora",
-          "gated_activation": "gated_activation"}.get(kernel)
+          "gated_activation": "gated_activation", "rope": "rope"}.get(kernel)
     return backends.chosen(op, device, backend) if op else backend
 
 
 def _patch_modules(causal_lm, family, wanted: dict, backend: str, report: PatchReport) -> None:
-    """Attention, norms, LoRA layers and MLPs, as they are in the model now; undos kept on the instance."""
+    """Attention, RoPE, norms, LoRA layers and MLPs, as they are in the model now; undos kept on the instance."""
     undos = []
 
     def apply(name, fn):
         try:
             detail, undo = fn()
-        except LookupError as exc:  # nothing of that kind in the model (e.g. no LoRA layers yet)
+        except LookupError as exc:  # nothing of that kind in the model (e.g. no LoRA layers yet), or none it takes
             report.skipped[name] = str(exc)
             return
         undos.append(undo)
@@ -139,6 +141,8 @@ def _patch_modules(causal_lm, family, wanted: dict, backend: str, report: PatchR
 
     if "attention" in wanted:
         apply("attention", lambda: modules.patch_attention(causal_lm))
+    if "rope" in wanted:
+        apply("rope", lambda: rope_patch.patch_rope(causal_lm, backend))
     if "rms_norm" in wanted:
         apply("rms_norm", lambda: modules.patch_rms_norms(causal_lm, family.norm_offset, backend))
     if "lora" in wanted:

@@ -56,6 +56,5 @@ KERNELS: dict[str, str | None] = {
     "rms_norm": None,
     "lora": None,
     "gated_activation": None,
-    "rope": ("transformers applies rotary embeddings through a module-level function with no extension point; "
-             "fastsft.ops.rope is available for direct use"),
+    "rope": None,
 }
