@@ -265,7 +265,12 @@ def test_step_casts_reuse_and_invalidation():
     p.data.copy_(torch.zeros(4, 6))  # a write that bumps no version (bitsandbytes' 8-bit optimizers write so)
     assert casts.get(p, torch.float16) is second  # not seen within a step ...
     casts.new_step()
-    assert torch.equal(casts.get(p, torch.float16), torch.zeros(4, 6, dtype=torch.float16))  # ... but at the next
+    third = casts.get(p, torch.float16)
+    assert torch.equal(third, torch.zeros(4, 6, dtype=torch.float16))  # ... but at the next
+    assert third is second  # refreshed in place, in one multi-tensor copy with the others at the step's start
+    del p
+    casts.new_step()  # a weight gone: its copy is dropped
+    assert not casts._buffers and not casts._copies
 
 
 def test_patched_model_casts_adapters_once_per_step(monkeypatch):
@@ -331,10 +336,10 @@ def test_patched_model_casts_adapters_once_per_step(monkeypatch):
     assert abs(loss - want_loss) < abs(loss - stale_loss) / 10  # the halved weights were used, not last step's
 
 
-def test_patched_attention_runs_qkv_as_one_op(monkeypatch):
-    """A patched PEFT model runs each attention module's q, k and v LoRA layers as one lora_qkv op (one call per
-    layer and forward), with PEFT's outputs and gradients; a k_proj called on another input than q_proj's gets
-    its own result, and a k layer left to PEFT keeps q on its own path."""
+def test_patched_model_runs_sibling_layers_as_one_op(monkeypatch):
+    """A patched PEFT model runs each attention module's q, k and v LoRA layers as one op, and each MLP's gate and
+    up, with PEFT's outputs and gradients; a k_proj called on another input than q_proj's gets its own result;
+    a model calling the layers in another order stops fusing them; a k layer left to PEFT keeps q on its own."""
     import fastsft
     from fastsft.ops import lora as lora_ops
 
@@ -342,20 +347,23 @@ def test_patched_attention_runs_qkv_as_one_op(monkeypatch):
         pytest.skip("the triton backend is not available")
     torch.manual_seed(0)
     model = tiny_peft_model()
+    # with checkpointing the MLP's projections run one by one (lora_mlp would recompute what is recomputed anyway)
+    model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.train()
     ids = torch.randint(0, 64, (2, 9))
     adapters = [p for p in model.parameters() if p.requires_grad]
     want = grads_of(model(input_ids=ids).logits, adapters)
     switches = dict(fused_cross_entropy=False, attention=False, rms_norm=False, gated_activation=False, rope=False,
                     backend="triton")
-    report = fastsft.patch(model, **switches)
-    fastsft.patching.refresh(model)
+    fastsft.patch(model, **switches)
     report = fastsft.patching.refresh(model)
-    assert "q/k/v in one op in 1 attention modules" in report.patched["lora"], str(report)
-    calls = []
-    real = lora_ops.lora_qkv
-    monkeypatch.setattr(lora_ops, "lora_qkv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert "one op for q/k/v in 1 attention modules and for gate/up in 1 MLPs" in report.patched["lora"], str(report)
+    sizes = []
+    real = lora_ops._LoraProjections.apply
+    monkeypatch.setattr(lora_ops._LoraProjections, "apply",
+                        lambda x, s, objs, casts, *t: sizes.append(len(t) // 3) or real(x, s, objs, casts, *t))
     got = grads_of(model(input_ids=ids).logits, adapters)
-    assert len(calls) == 1
+    assert sorted(sizes) == [1, 1, 1, 1, 2, 2, 3, 3]  # q/k/v, o, gate/up, down; forward and recomputation
     compare(*got, *want, rtol=1e-5, what="patched model vs PEFT")
 
     attn = model.base_model.model.model.layers[0].self_attn
@@ -367,11 +375,21 @@ def test_patched_attention_runs_qkv_as_one_op(monkeypatch):
     fastsft.patching.refresh(model)
     attn.q_proj(x)
     assert torch.equal(attn.k_proj(y), want_k)  # ... which a call on y does not get
-    assert "_fastsft_qkv_output" not in attn.k_proj.__dict__
+    assert "_fastsft_group_output" not in attn.k_proj.__dict__
+
+    mlp = model.base_model.model.model.layers[0].mlp
+    u = mlp.up_proj(x)  # up before gate: gate's call would leave an output that up never claims
+    mlp.gate_proj(x)
+    assert "_fastsft_group_output" in mlp.up_proj.__dict__
+    g = mlp.gate_proj(x)  # ... so the group stops fusing, and holds nothing
+    assert "_fastsft_group_output" not in mlp.up_proj.__dict__
+    assert torch.equal(mlp.up_proj(x), u) and torch.equal(mlp.gate_proj(x), g)
+    assert "_fastsft_group_output" not in mlp.up_proj.__dict__
 
     model.base_model.model.model.layers[0].self_attn.k_proj.lora_dropout["default"] = torch.nn.Dropout(0.5)
     report = fastsft.patching.refresh(model)
-    assert "q/k/v in one op" not in report.patched["lora"] and "dropout" in report.patched["lora"], str(report)
+    assert "q/k/v in 0 attention modules" in report.patched["lora"] and "dropout" in report.patched["lora"], \
+        str(report)
 
 
 # --- 4-bit base weights: an object that dequantizes on demand -----------------------------------------------------

@@ -57,10 +57,9 @@ def lora_linear(x: torch.Tensor, weight, lora_a: torch.Tensor, lora_b: torch.Ten
     """
     _check_input("lora_linear", x, scaling)
     _check_projection("lora_linear", "", x, weight, lora_a, lora_b)
-    x2 = x.reshape(-1, x.shape[-1])
-    (out,) = backends.dispatch(OP, backend, x.device, "projections", x2, ((weight, lora_a, lora_b),),
+    (out,) = backends.dispatch(OP, backend, x.device, "projections", x, ((weight, lora_a, lora_b),),
                                float(scaling), None, casts)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return out
 
 
 def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, scaling: float, *, backend: str = "auto",
@@ -73,10 +72,8 @@ def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, scaling: float, *, b
     _check_input("lora_qkv", x, scaling)
     for name, p in zip("qkv", (q, k, v)):
         _check_projection("lora_qkv", name, x, *_triple("lora_qkv", name, p))
-    x2 = x.reshape(-1, x.shape[-1])
-    outs = backends.dispatch(OP, backend, x.device, "projections", x2, (tuple(q), tuple(k), tuple(v)),
-                             float(scaling), None, casts)
-    return tuple(o.reshape(*x.shape[:-1], o.shape[-1]) for o in outs)
+    return tuple(backends.dispatch(OP, backend, x.device, "projections", x, (tuple(q), tuple(k), tuple(v)),
+                                   float(scaling), None, casts))
 
 
 def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, scaling: float, activation: str = "swiglu", *,
@@ -171,9 +168,9 @@ def _reference_backend(kind, x, projections, scaling, activation, casts):
     del casts  # the reference computes in float32 or wider: float32 adapters are used as they are
     if kind == "mlp":
         return reference.lora_mlp(x, *projections, scaling, activation)
-    if len(projections) == 1:
-        return (reference.lora_linear(x, *projections[0], scaling),)
-    return reference.lora_qkv(x, *projections, scaling)
+    if len(projections) == 3:
+        return reference.lora_qkv(x, *projections, scaling)
+    return tuple(reference.lora_linear(x, *p, scaling) for p in projections)
 
 
 # --- fast backend: cuBLAS GEMMs, the MLP's activation in Triton -----------------------------------------------
@@ -201,35 +198,42 @@ def _split(t: torch.Tensor, sizes):
 
 
 class _LoraProjections(torch.autograd.Function):
-    """N LoRA projections of one input (N=1: lora_linear, N=3: lora_qkv). Saves x and x @ A_cat.T only."""
+    """N LoRA projections of one input (N=1: lora_linear, N=3: lora_qkv). Saves x and x @ A_cat.T only.
+
+    Host time matters here (the step is host-bound, and this runs 7 times per layer per forward): ``x`` may have
+    any leading dims (the flattening happens inside, so no autograd view nodes around the op), and the frozen
+    base weights and the adapters are kept on ``ctx`` rather than saved: under gradient checkpointing every saved
+    tensor goes through Python pack and unpack hooks, and parameters need no saving (they outlive the step)."""
 
     @staticmethod
     def forward(ctx, x, scaling, objs, casts, *tensors):
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         ws = tensors[0::3]
-        # float32 master adapters: computed with in x's dtype (as autocast would); copies, not saved for backward
+        # float32 master adapters: computed with in x's dtype (as autocast would)
         as_ = [_compute_copy(a, x.dtype, casts) for a in tensors[1::3]]
         bs = [_compute_copy(b, x.dtype, casts) for b in tensors[2::3]]
         ranks = [a.shape[0] for a in as_]
-        a_cat = as_[0] if len(as_) == 1 else torch.cat(as_)
+        a_cat = as_[0] if len(as_) == 1 else _joined(tensors[1::3], as_, casts)
         xa = x @ a_cat.T  # [T, sum r]: x is read once for every adapter
         outs = []
         for w, obj, xa_i, b in zip(ws, objs, _split(xa, ranks), bs):
             out = x @ _dense(w, obj, x, b.shape[0], x.shape[1]).T  # a dequantized temporary dies here
             out.addmm_(xa_i, b.T, alpha=scaling)
-            outs.append(out)
-        ctx.save_for_backward(x, xa, *tensors)
-        # The half adapters are kept as they are, not saved: checkpointing hands saved parameters back as new
-        # (detached) tensors, so a lookup in backward would miss; these rank-r copies are small.
-        ctx.half = (as_, bs)
+            outs.append(out.view(*lead, out.shape[-1]))
+        ctx.save_for_backward(x, xa)
+        ctx.tensors, ctx.half, ctx.lead = tensors, (as_, bs, a_cat), lead
         ctx.scaling, ctx.objs, ctx.ranks = scaling, objs, ranks
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        x, xa, *tensors = ctx.saved_tensors
+        x, xa = ctx.saved_tensors
+        tensors = ctx.tensors
         ws = tensors[0::3]
         params = tensors[1::3], tensors[2::3]  # in their own dtype: the gradients' dtype
-        as_, bs = ctx.half
+        as_, bs, a_cat = ctx.half
+        grads = [g if g is None else g.reshape(-1, g.shape[-1]) for g in grads]
         s, ranks = ctx.scaling, ctx.ranks
         need_x = ctx.needs_input_grad[0]
         live = [i for i, g in enumerate(grads) if g is not None]
@@ -255,8 +259,8 @@ class _LoraProjections(torch.autograd.Function):
                 else:
                     dx.addmm_(grads[i], w)
                 del w
-            a_cat = as_[0] if len(as_) == 1 else torch.cat(as_)
             dx.addmm_(dyb, a_cat)
+            dx = dx.view(*ctx.lead, dx.shape[-1])
         da_cat = _mm(dyb.T, x, params[0][0].dtype) if any(ctx.needs_input_grad[5::3]) else None
         da = torch.split(da_cat, ranks, dim=0) if da_cat is not None else [None] * len(ranks)
         out = [dx, None, None, None]
@@ -372,26 +376,57 @@ class StepCasts:
     PEFT keeps adapters in float32 under bf16/fp16 autocast and casts them at every use: the forward, then the
     forward again when gradient checkpointing recomputes a layer in backward, then each gradient back to float32
     (6 cast launches and 2 autograd nodes per projection and step; 1,344 per Llama-8B step). The fused ops take
-    the float32 weights themselves, make the half copies here and return float32 gradients, so each copy is made
-    once per step. ``new_step`` (a forward pre-hook on the patched model's decoder stack: not re-run by the
-    recomputation) drops every copy, so a weight updated between steps is never served stale even when its
-    update does not bump the tensor's version (bitsandbytes' 8-bit optimizers write through raw pointers);
-    within a step a copy is also remade when its weight's version or storage changed."""
+    the float32 weights themselves, get their half copies here and return float32 gradients.
+
+    ``new_step`` runs at each forward of the patched model's decoder stack (a forward pre-hook; checkpointing's
+    recomputation runs single layers, not the stack). It refreshes every copy made so far in one multi-tensor
+    copy, from the weights as they are now, so a weight updated between steps is never served stale, even when
+    the update bumps no tensor version (bitsandbytes' 8-bit optimizers write through raw pointers). Within a
+    step a copy is remade when its weight's version or storage changed."""
 
     def __init__(self):
-        self._copies: dict = {}
+        self._copies: dict = {}  # this step's: key -> (weakref to the weight, version, data_ptr, copy)
+        self._buffers: dict = {}  # kept across steps: key -> (weakref to the weight, copy)
 
     def new_step(self, *_):
         self._copies = {}
+        live = []
+        for key, (ref, buf) in list(self._buffers.items()):
+            src = ref()
+            if src is None or src.shape != buf.shape or src.device != buf.device:
+                del self._buffers[key]
+            else:
+                live.append((key, src, buf))
+        if not live:
+            return
+        with torch.no_grad():
+            torch._foreach_copy_([buf for _, _, buf in live], [src.detach() for _, src, _ in live])
+        for key, src, buf in live:
+            self._copies[key] = (weakref.ref(src), src._version, src.data_ptr(), buf)
 
     def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         key = (id(t), dtype)
         hit = self._copies.get(key)
         if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
             return hit[3]
-        copy = t.detach().to(dtype)
+        copy = t.detach().to(dtype)  # a new tensor: the last step's copy may still be in a graph awaiting backward
         self._copies[key] = (weakref.ref(t), t._version, t.data_ptr(), copy)
+        self._buffers[key] = (weakref.ref(t), copy)
         return copy
+
+
+def _joined(params, halves, casts: StepCasts | None):
+    """``torch.cat(halves)`` (the adapters' A of one group), made once per step with ``casts``."""
+    if casts is None:
+        return torch.cat(halves)
+    key = ("cat", *map(id, params))
+    versions = tuple(h._version for h in halves)
+    hit = casts._copies.get(key)
+    if hit is not None and hit[1] == versions and all(h is c for h, c in zip(hit[0], halves)):
+        return hit[2]
+    joined = torch.cat(halves)
+    casts._copies[key] = (tuple(halves), versions, joined)
+    return joined
 
 
 def _compute_copy(t, dtype, casts: StepCasts | None):
@@ -556,14 +591,19 @@ def fused_lora_forward(module, x: torch.Tensor, *, backend: str = "auto",
     return lora_linear(x, weight, a, b, scaling, backend=backend, casts=casts)
 
 
-def fused_lora_qkv_forward(modules, x: torch.Tensor, *, backend: str = "auto",
-                           casts: StepCasts | None = None) -> tuple | None:
-    """The query, key and value PEFT LoRA layers ``modules`` applied to one input through :func:`lora_qkv` (one op:
-    ``x`` read once for the three adapters, one backward), or None when one of them is not eligible, their
-    scalings or base dtypes differ: the caller then runs them one by one."""
+def fused_lora_group_forward(modules, x: torch.Tensor, *, backend: str = "auto",
+                             casts: StepCasts | None = None) -> tuple | None:
+    """PEFT LoRA layers ``modules`` that take one input (an attention module's q, k and v; an MLP's gate and up)
+    applied to ``x`` as one op (``x`` read once for their adapters, one backward, dX accumulated in one buffer),
+    or None when one of them is not eligible or their scalings or base dtypes differ: the caller then runs them
+    one by one."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
     parts = [lora_parts(m, x.dtype) for m in modules]
     if any(p is None for p in parts) or len({scaling for _, scaling in parts}) != 1:
         return None
-    return lora_qkv(x, *(p for p, _ in parts), parts[0][1], backend=backend, casts=casts)
+    _check_input("lora", x, parts[0][1])
+    for name, (p, _) in zip(range(len(parts)), parts):
+        _check_projection("lora", str(name), x, *p)
+    return tuple(backends.dispatch(OP, backend, x.device, "projections", x, tuple(p for p, _ in parts),
+                                   float(parts[0][1]), None, casts))

@@ -120,24 +120,31 @@ def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
     """Route eligible PEFT LoRA ``Linear`` layers through ``fastsft.ops.lora_linear``; ``Linear4bit`` ones too unless
     ``FASTSFT_LORA_4BIT=0`` (see :func:`lora_4bit_enabled`)."""
     from fastsft.ops import lora_eligibility
-    from fastsft.ops.lora import fused_lora_forward, fused_lora_qkv_forward
+    from fastsft.ops.lora import fused_lora_forward, fused_lora_group_forward
 
     casts = adapter_casts(causal_lm)
-    qkv = _qkv_triples(causal_lm)  # q_proj -> (q_proj, k_proj, v_proj) of one attention module
+    groups = _sibling_groups(causal_lm)  # first layer -> the layers of its group: (q, k, v), (gate, up)
 
     def forward(self, x, *args, **kwargs):
         if not args and not kwargs:
-            # k_proj / v_proj: computed with q_proj on this very input (the attention module's next calls)
-            stash = self.__dict__.pop(_QKV_STASH, None)
+            # a later layer of a group: computed with the group's first layer on this very input
+            stash = self.__dict__.pop(_GROUP_STASH, None)
             if stash is not None and stash[0] is x:
                 return stash[1]
-            triple = qkv.get(self)
-            if triple is not None:
-                outs = fused_lora_qkv_forward(triple, x, backend=backend, casts=casts)
-                if outs is not None:
-                    for module, out in zip(triple[1:], outs[1:]):
-                        module.__dict__[_QKV_STASH] = (x, out)
-                    return outs[0]
+            group = groups.get(self)
+            if group is not None:
+                if any(_GROUP_STASH in m.__dict__ for m in group[1:]):
+                    # an output left unclaimed since the last call: this model calls the group's layers in
+                    # another order or on other inputs; stop fusing this group (and hold nothing more)
+                    for m in group[1:]:
+                        m.__dict__.pop(_GROUP_STASH, None)
+                    del groups[self]
+                else:
+                    outs = fused_lora_group_forward(group, x, backend=backend, casts=casts)
+                    if outs is not None:
+                        for module, out in zip(group[1:], outs[1:]):
+                            module.__dict__[_GROUP_STASH] = (x, out)
+                        return outs[0]
             out = fused_lora_forward(self, x, backend=backend, casts=casts)  # None: no longer eligible
             if out is not None:
                 return out
@@ -161,35 +168,40 @@ def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
     # a new step begins with each forward of the decoder stack (checkpointing's recomputation runs layers only)
     hook = causal_lm.base_model.register_forward_pre_hook(casts.new_step)
     undos.append(lambda: (hook.remove(), casts.new_step()))
-    for q in [q for q, triple in qkv.items() if not all(m in fused for m in triple)]:
-        del qkv[q]  # all three or none: a k or v layer left to PEFT keeps the q layer on its own
-    undos.append(lambda: [m.__dict__.pop(_QKV_STASH, None) for triple in qkv.values() for m in triple])
+    for first in [f for f, group in groups.items() if not all(m in fused for m in group)]:
+        del groups[first]  # all or none: a layer left to PEFT keeps the group's other layers on their own
+    undos.append(lambda: [m.__dict__.pop(_GROUP_STASH, None) for group in groups.values() for m in group])
+    n_qkv = sum(len(g) == 3 for g in groups.values())
     detail = f"{eligible} LoRA layers fused"
     if eligible_4bit:
         detail += f" ({eligible_4bit} on a 4-bit base)"
-    if qkv:
-        detail += f", q/k/v in one op in {len(qkv)} attention modules"
+    if groups:
+        detail += (f", one op for q/k/v in {n_qkv} attention modules and for gate/up in {len(groups) - n_qkv} "
+                   "MLPs")
     if reasons:
         detail += "; left to PEFT: " + ", ".join(f"{n} ({why})" for why, n in reasons.items())
     return detail, _chain(undos)
 
 
 CASTS_ATTR = "_fastsft_adapter_casts"
-# On k_proj / v_proj: (input, output) computed with q_proj's call on that input; popped by the next call
-_QKV_STASH = "_fastsft_qkv_output"
+# On a group's later layers: (input, output) computed with the first layer's call on that input; popped by the
+# next call
+_GROUP_STASH = "_fastsft_group_output"
+_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _qkv_triples(causal_lm) -> dict:
-    """``{q_proj: (q_proj, k_proj, v_proj)}`` for each attention module whose three projections are PEFT LoRA
-    layers. The attention forward calls them in that order on one input (Llama, Mistral, Qwen, Gemma): q_proj's
-    patched forward computes all three in one op and leaves k's and v's outputs for their calls, which hand them
-    out only for that same input tensor."""
-    triples = {}
+def _sibling_groups(causal_lm) -> dict:
+    """``{first: (first, ...)}``: the PEFT LoRA layers that one module applies to one input, in the order it calls
+    them: an attention module's q, k, v (Llama, Mistral, Qwen, Gemma) and a gated MLP's gate, up. The first
+    layer's patched forward computes the group in one op and leaves the others' outputs for their calls, which
+    take them only for that same input tensor."""
+    groups = {}
     for module in causal_lm.modules():
-        projections = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-        if all(p is not None and _is_lora_linear(p) for p in projections):
-            triples[projections[0]] = tuple(projections)
-    return triples
+        for names in _GROUPS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(m is not None and _is_lora_linear(m) for m in layers):
+                groups[layers[0]] = tuple(layers)
+    return groups
 
 
 def adapter_casts(causal_lm):
