@@ -74,6 +74,24 @@ def test_non_contiguous_inputs(device, backend):
     check(backend, q, k, wide[..., ::2], wide[..., 1::2], rtol=2e-6)  # strided cos/sin
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_outputs_keep_the_input_layout(device):
+    """transformers' q/k are [B, S, H, D] storage seen as [B, H, S, D]: the Triton op writes its outputs (and the
+    backward its gradients) in that layout, so each token's heads are one contiguous row; contiguous stays so."""
+    if backends.unavailable_reason(OP, "triton", torch.device(device)):
+        pytest.skip("the triton backend is not available")
+    for transposed in (True, False):
+        q, k, cos, sin = make(2, 4, 2, 9, 16, torch.float32, device, transposed=transposed)
+        q.requires_grad_(), k.requires_grad_()
+        out_q, out_k = rope(q, k, cos, sin, backend="triton")
+        assert out_q.stride() == q.stride() and out_k.stride() == k.stride()
+        want_q, want_k = rope(q.detach(), k.detach(), cos, sin, backend="reference")
+        assert_close(out_q, want_q, rtol=2e-6)
+        assert_close(out_k, want_k, rtol=2e-6)
+        (out_q.sum() + 2 * out_k.sum()).backward()
+        assert q.grad.stride() == q.stride()
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 def test_float16_against_same_dtype_baseline(device, backend):
     q, k, cos, sin = make(2, 8, 2, 37, 64, torch.float16, device)

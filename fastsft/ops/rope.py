@@ -120,7 +120,7 @@ class _Rope(torch.autograd.Function):
 
 
 def rope_fake(q, k, cos, sin, inverse):
-    """Outputs are contiguous, in q's shape and dtype (shared by the compiled and the Triton op)."""
+    """The compiled op's outputs: contiguous, in q's shape and dtype (the Triton op keeps the inputs' layout)."""
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
 
