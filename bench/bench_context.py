@@ -15,7 +15,9 @@ chunked LM head and loss, which is what stock TRL trains with) or ``fastsft.SFTT
 patched as that trainer patches, ``fastsft.patch`` refreshed on the PEFT model: attention, RMSNorm, LoRA and
 gated-activation kernels and the fused loss; the trial rows list them), with checkpointing ``plain`` or, for
 fastsft only, ``offload`` (``SFTConfig(gradient_checkpointing="offload")``: layer inputs wait in pinned host
-memory).
+memory) or ``offload-tiled`` (that and ``fastsft.enable_tiled_mlp``: each MLP in 8,192-token tiles, so no
+[tokens, intermediate] tensor is whole at once; at 350k tokens one is 9.35 GiB, the allocation that ran out first
+under the 80 GiB cap without tiling).
 
 ``--fixed``: packing, batch 2 x 2048 tokens, synthetic chat rows with the loss on the assistant tokens (as in
 ``bench.bench_sft``); ``bench_sft.run_one`` measures tokens/s (non-padding input tokens after the warm-up steps)
@@ -74,7 +76,12 @@ RANK = 32
 MAX_POSITIONS = 1 << 20
 CAPS_GIB = (16, 24, 40, 80)
 PROVIDERS = ("trl", "fastsft")
-FASTSFT_MODES = ("offload", "plain")  # offload first: the long-context configuration, and the target's
+# offload first: the long-context configuration, and the target's; "offload-tiled" adds the sequence-tiled MLP
+# (fastsft.enable_tiled_mlp: no [tokens, intermediate] tensor whole at once; it changes nothing at or below its
+# 8,192-token tiles)
+FASTSFT_MODES = ("offload", "plain", "offload-tiled")
+FIXED_MODES = ("offload", "plain")  # at 2 x 2048 tokens the tiles would change nothing
+CONTEXT_MODES = ("offload-tiled", "offload")
 TARGET_PEAK_GIB = 7.0
 TARGET_TOKENS, TARGET_CAP_GIB = 350_000, 80
 FIXED_COLUMNS = ["provider", "checkpointing", "batch", "max_length", "tokens_per_s", "peak_GiB", "peak_reserved_GiB",
@@ -181,11 +188,12 @@ def long_row(n: int, vocab: int, loss_on: str = "all", seed: int = 0) -> dict:
 
 def _namespace(spec: dict, **overrides) -> argparse.Namespace:
     """The argument namespace bench_sft.make_trainer / run_one read."""
-    checkpointing = "offload" if spec["checkpointing"] == "offload" else True
+    checkpointing = "offload" if spec["checkpointing"] in ("offload", "offload-tiled") else True
     fields = {"model": spec["model"], "checkpoint": spec["checkpoint"] and Path(spec["checkpoint"]),
               "qlora": spec["checkpoint"] is not None, "batch": spec.get("batch", 1),
               "max_length": spec.get("max_length", 2048), "packing": True, "warmup": spec.get("warmup", 1),
-              "steps": spec.get("steps", 1), "checkpointing": checkpointing, "rank": RANK}
+              "steps": spec.get("steps", 1), "checkpointing": checkpointing, "rank": RANK,
+              "tiled_mlp": spec["checkpointing"] == "offload-tiled"}
     return argparse.Namespace(**{**fields, **overrides})
 
 
@@ -229,6 +237,7 @@ def context_trial(spec: dict) -> dict:
             result["rank"] = trainer.model.peft_config["default"].r
             report = getattr(trainer, "patch_report", None)
             result["patched"] = sorted(report.patched) if report is not None else None
+            result["tiled_mlps"] = _tiled_mlps(trainer.model)
             start = time.perf_counter()
             trainer.train()
             if cuda:
@@ -242,6 +251,12 @@ def context_trial(spec: dict) -> dict:
         result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
     return result
+
+
+def _tiled_mlps(model) -> int:
+    from fastsft.tiled_mlp import _BASE_ATTR
+
+    return sum(getattr(type(m), _BASE_ATTR, None) is not None for m in model.modules())
 
 
 def card() -> dict:
@@ -415,8 +430,9 @@ def main(argv=None) -> None:
     parser.add_argument("--max-context", action="store_true", help="the longest batch-1 sequence under each cap")
     parser.add_argument("--model", choices=list(bench_sft.MODELS), default="llama-8b")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--fastsft-modes", default=",".join(FASTSFT_MODES),
-                        help="fastsft's checkpointing: offload, plain (in this order of priority)")
+    parser.add_argument("--fastsft-modes", default=None,
+                        help=f"fastsft's modes, of {', '.join(FASTSFT_MODES)} (default: --fixed "
+                             f"{','.join(FIXED_MODES)}; --max-context {','.join(CONTEXT_MODES)})")
     parser.add_argument("--batch", type=int, default=2, help="--fixed")
     parser.add_argument("--max-length", type=int, default=2048, help="--fixed: tokens per packed sequence")
     parser.add_argument("--warmup", type=int, default=2, help="--fixed")
@@ -445,6 +461,9 @@ def main(argv=None) -> None:
         return
     if not (a.fixed or a.max_context):
         parser.error("say what to run: --fixed, --max-context or both")
+    if a.fastsft_modes is None:
+        wanted = (CONTEXT_MODES if a.max_context else ()) + (FIXED_MODES if a.fixed else ())
+        a.fastsft_modes = ",".join(dict.fromkeys(wanted))
     variants(a)  # unknown providers or modes fail before any work
 
     from bench import harness

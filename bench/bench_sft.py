@@ -159,8 +159,14 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
         use_liger_kernel=provider == "trl-liger", dataloader_num_workers=0, seed=0, data_seed=0, optim="adamw_torch")
     rank = getattr(a, "rank", 16)
     lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-    return SFTTrainer(model=model, args=args, train_dataset=data,
-                      processing_class=make_tokenizer(model.config.vocab_size), peft_config=lora, callbacks=callbacks)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data,
+                         processing_class=make_tokenizer(model.config.vocab_size), peft_config=lora,
+                         callbacks=callbacks)
+    if getattr(a, "tiled_mlp", False):  # bench_context's offload-tiled mode (fastsft only)
+        from fastsft import enable_tiled_mlp
+
+        enable_tiled_mlp(trainer.model)
+    return trainer
 
 
 def run_one(provider: str, a: argparse.Namespace) -> dict:

@@ -178,3 +178,24 @@ def test_fixed_on_the_cpu(tmp_path):
     assert row["provider"] == "fastsft" and row["checkpointing"] == "offload" and row["rank"] == 32
     assert row["tokens_per_s"] > 0 and row["batch"] == 2 and row["max_length"] == 256
     assert data["targets"]["peak_2048x2"]["met"] is None
+
+
+def test_offload_tiled_mode_and_default_modes():
+    spec = {"checkpointing": "offload-tiled", "model": "tiny", "checkpoint": None}
+    a = bench_context._namespace(spec)
+    assert a.checkpointing == "offload" and a.tiled_mlp is True
+    assert bench_context._namespace(dict(spec, checkpointing="offload")).tiled_mlp is False
+    assert bench_context._namespace(dict(spec, checkpointing="plain")).checkpointing is True
+    assert set(bench_context.FIXED_MODES) | set(bench_context.CONTEXT_MODES) == set(bench_context.FASTSFT_MODES)
+    assert bench_context.CONTEXT_MODES[0] == "offload-tiled"
+
+
+@pytest.mark.slow
+def test_offload_tiled_trial_on_the_cpu(tmp_path):
+    bench_context.main(["--max-context", "--model", "tiny", "--providers", "fastsft", "--caps", "16", "--start", "128",
+                        "--resolution", "128", "--cpu-fake-limit", "200", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "context_tiny_max.json").read_text())["rows"]
+    assert [r["checkpointing"] for r in rows] == ["offload-tiled", "offload"]  # the default --max-context modes
+    ran = {r["checkpointing"]: [t for t in r["trial_log"] if t.get("error") != "fake limit"] for r in rows}
+    assert ran["offload-tiled"][0]["fits"] and ran["offload-tiled"][0]["tiled_mlps"] == 2  # both layers' MLPs
+    assert ran["offload"][0]["tiled_mlps"] == 0
