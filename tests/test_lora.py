@@ -268,6 +268,14 @@ def test_step_casts_reuse_and_invalidation():
     third = casts.get(p, torch.float16)
     assert torch.equal(third, torch.zeros(4, 6, dtype=torch.float16))  # ... but at the next
     assert third is second  # refreshed in place, in one multi-tensor copy with the others at the step's start
+    # a weight without memory at the step's start (FSDP2 frees unsharded parameters between uses): not read then,
+    # copied when asked for after it is back
+    p.untyped_storage().resize_(0)
+    casts.new_step()
+    p.untyped_storage().resize_(4 * 6 * 4)
+    with torch.no_grad():
+        p.copy_(torch.full((4, 6), 3.0))
+    assert torch.equal(casts.get(p, torch.float16), torch.full((4, 6), 3.0, dtype=torch.float16))
     del p
     casts.new_step()  # a weight gone: its copy is dropped
     assert not casts._buffers and not casts._copies

@@ -395,8 +395,11 @@ class StepCasts:
             src = ref()
             if src is None or src.shape != buf.shape or src.device != buf.device:
                 del self._buffers[key]
-            else:
+            elif src.untyped_storage().nbytes() >= (src.storage_offset() + src.numel()) * src.element_size():
                 live.append((key, src, buf))
+            # else: no memory behind the weight now (FSDP2 frees an unsharded parameter's storage between uses):
+            # its copy is made again by get(), when the weight is there
+
         if not live:
             return
         with torch.no_grad():
