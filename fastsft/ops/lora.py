@@ -198,7 +198,7 @@ def _split(t: torch.Tensor, sizes):
 
 
 class _LoraProjections(torch.autograd.Function):
-    """N LoRA projections of one input (N=1: lora_linear, N=3: lora_qkv). Saves x and x @ A_cat.T only.
+    """N LoRA projections of one input (N=1: lora_linear, N=3: lora_qkv). Saves x and s * x @ A_cat.T only.
 
     Host time matters here (the step is host-bound, and this runs 7 times per layer per forward): ``x`` may have
     any leading dims (the flattening happens inside, so no autograd view nodes around the op), and the frozen
@@ -215,11 +215,13 @@ class _LoraProjections(torch.autograd.Function):
         bs = [_compute_copy(b, x.dtype, casts) for b in tensors[2::3]]
         ranks = [a.shape[0] for a in as_]
         a_cat = as_[0] if len(as_) == 1 else _joined(tensors[1::3], as_, casts)
-        xa = x @ a_cat.T  # [T, sum r]: x is read once for every adapter
+        # s * x @ A.T [T, sum r]: x is read once for every adapter; scaled here (the GEMM's alpha), so that dB in
+        # backward needs no scaling of its own
+        xa = _mm_scaled(x, a_cat.T, scaling)
         outs = []
         for w, obj, xa_i, b in zip(ws, objs, _split(xa, ranks), bs):
             out = x @ _dense(w, obj, x, b.shape[0], x.shape[1]).T  # a dequantized temporary dies here
-            out.addmm_(xa_i, b.T, alpha=scaling)
+            out.addmm_(xa_i, b.T)
             outs.append(out.view(*lead, out.shape[-1]))
         ctx.save_for_backward(x, xa)
         ctx.tensors, ctx.half, ctx.lead = tensors, (as_, bs, a_cat), lead
@@ -269,7 +271,7 @@ class _LoraProjections(torch.autograd.Function):
             need_a, need_b = ctx.needs_input_grad[4 + 3 * i + 1], ctx.needs_input_grad[4 + 3 * i + 2]
             db = None
             if need_b and grads[i] is not None:
-                db = _mm_scaled(grads[i].T, xa_parts[i], s, params[1][i].dtype)
+                db = _mm(grads[i].T, xa_parts[i], params[1][i].dtype)  # xa holds s * x @ A.T
             elif need_b:
                 db = torch.zeros_like(params[1][i])
             out += [None, _as_dtype(da[i], params[0][i]) if need_a else None, db]
