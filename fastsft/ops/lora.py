@@ -210,7 +210,7 @@ class _LoraProjections(torch.autograd.Function):
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         ws = tensors[0::3]
-        # float32 master adapters: computed with in x's dtype (as autocast would)
+        # float32 master adapters: computed in x's dtype (as autocast would)
         as_ = [_compute_copy(a, x.dtype, casts) for a in tensors[1::3]]
         bs = [_compute_copy(b, x.dtype, casts) for b in tensors[2::3]]
         ranks = [a.shape[0] for a in as_]
@@ -384,7 +384,9 @@ class StepCasts:
     recomputation runs single layers, not the stack). It refreshes every copy made so far in one multi-tensor
     copy, from the weights as they are now, so a weight updated between steps is never served stale, even when
     the update bumps no tensor version (bitsandbytes' 8-bit optimizers write through raw pointers). Within a
-    step a copy is remade when its weight's version or storage changed."""
+    step a copy is remade when its weight's version or storage changed. The refresh writes into last step's
+    copies: a graph of that step still awaiting its backward (two forwards, then both backwards) sees the weights
+    of the new step, which are the same unless something changed them in between."""
 
     def __init__(self):
         self._copies: dict = {}  # this step's: key -> (weakref to the weight, version, data_ptr, copy)
@@ -419,19 +421,21 @@ class StepCasts:
         self._buffers[key] = (weakref.ref(t), copy)
         return copy
 
+    def joined(self, params, halves) -> torch.Tensor:
+        """``torch.cat(halves)``, the half copies of ``params`` side by side, made once per step."""
+        key = ("cat", *map(id, params))
+        versions = tuple(h._version for h in halves)
+        hit = self._copies.get(key)
+        if hit is not None and hit[1] == versions and all(h is c for h, c in zip(hit[0], halves)):
+            return hit[2]
+        joined = torch.cat(halves)
+        self._copies[key] = (tuple(halves), versions, joined)
+        return joined
+
 
 def _joined(params, halves, casts: StepCasts | None):
     """``torch.cat(halves)`` (the adapters' A of one group), made once per step with ``casts``."""
-    if casts is None:
-        return torch.cat(halves)
-    key = ("cat", *map(id, params))
-    versions = tuple(h._version for h in halves)
-    hit = casts._copies.get(key)
-    if hit is not None and hit[1] == versions and all(h is c for h, c in zip(hit[0], halves)):
-        return hit[2]
-    joined = torch.cat(halves)
-    casts._copies[key] = (tuple(halves), versions, joined)
-    return joined
+    return torch.cat(halves) if casts is None else casts.joined(params, halves)
 
 
 def _compute_copy(t, dtype, casts: StepCasts | None):
