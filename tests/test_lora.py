@@ -334,7 +334,10 @@ def test_patched_model_casts_adapters_once_per_step(monkeypatch):
     stale_loss = loss
     for p in adapters:  # an update invisible to the version counter, between steps
         p.data.mul_(-3.0)
+    casts = model.base_model.model.__dict__["_fastsft_adapter_casts"]
+    assert casts._buffers
     fastsft.unpatch(model)
+    assert not casts._buffers and not casts._copies  # unpatching drops the copies
     want_loss, _ = step()
     fastsft.patch(model, fused_cross_entropy=False, attention=False, rms_norm=False, gated_activation=False,
                   rope=False, backend="triton")

@@ -360,6 +360,8 @@ def _mm(a, b, dtype):
     if a.is_cuda and dtype == torch.float32 and a.dtype in _HALF and _OUT_DTYPE_GEMM["ok"] is not False:
         try:
             out = torch.mm(a, b, out_dtype=dtype)
+        except torch.OutOfMemoryError:
+            raise  # not a missing feature
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_GEMM["ok"] = False
         else:
@@ -391,6 +393,10 @@ class StepCasts:
     def __init__(self):
         self._copies: dict = {}  # this step's: key -> (weakref to the weight, version, data_ptr, copy)
         self._buffers: dict = {}  # kept across steps: key -> (weakref to the weight, copy)
+
+    def clear(self) -> None:
+        """Drop every copy (the model was unpatched)."""
+        self._copies, self._buffers = {}, {}
 
     def new_step(self, *_):
         self._copies = {}
@@ -612,7 +618,7 @@ def fused_lora_group_forward(modules, x: torch.Tensor, *, backend: str = "auto",
     if any(p is None for p in parts) or len({scaling for _, scaling in parts}) != 1:
         return None
     _check_input("lora", x, parts[0][1])
-    for name, (p, _) in zip(range(len(parts)), parts):
-        _check_projection("lora", str(name), x, *p)
+    for i, (p, _) in enumerate(parts):
+        _check_projection("lora", str(i), x, *p)
     return tuple(backends.dispatch(OP, backend, x.device, "projections", x, tuple(p for p, _ in parts),
                                    float(parts[0][1]), None, casts))

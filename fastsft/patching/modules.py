@@ -167,7 +167,7 @@ def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
         raise LookupError("no PEFT LoRA layers in the model")
     # a new step begins with each forward of the decoder stack (checkpointing's recomputation runs layers only)
     hook = causal_lm.base_model.register_forward_pre_hook(casts.new_step)
-    undos.append(lambda: (hook.remove(), casts.new_step()))
+    undos.append(lambda: (hook.remove(), casts.clear()))
     for first in [f for f, group in groups.items() if not all(m in fused for m in group)]:
         del groups[first]  # all or none: a layer left to PEFT keeps the group's other layers on their own
     undos.append(lambda: [m.__dict__.pop(_GROUP_STASH, None) for group in groups.values() for m in group])
