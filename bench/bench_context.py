@@ -220,6 +220,8 @@ def context_trial(spec: dict) -> dict:
     """One training step on one example of ``spec["tokens"]`` tokens under ``spec["cap_GiB"]``: does it fit?"""
     import torch
 
+    from fastsft.tiled_mlp import tiled_mlp_count
+
     cuda = torch.cuda.is_available()
     if cuda and spec.get("cap_GiB"):
         # before the first allocation: the cap must hold for everything the process does
@@ -237,7 +239,7 @@ def context_trial(spec: dict) -> dict:
             result["rank"] = trainer.model.peft_config["default"].r
             report = getattr(trainer, "patch_report", None)
             result["patched"] = sorted(report.patched) if report is not None else None
-            result["tiled_mlps"] = _tiled_mlps(trainer.model)
+            result["tiled_mlps"] = tiled_mlp_count(trainer.model)
             start = time.perf_counter()
             trainer.train()
             if cuda:
@@ -251,12 +253,6 @@ def context_trial(spec: dict) -> dict:
         result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
         result["peak_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
     return result
-
-
-def _tiled_mlps(model) -> int:
-    from fastsft.tiled_mlp import _BASE_ATTR
-
-    return sum(getattr(type(m), _BASE_ATTR, None) is not None for m in model.modules())
 
 
 def card() -> dict:

@@ -256,6 +256,11 @@ def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: int = DEFAULT_TILE_TOK
     return f"tiled MLP: {len(mlps)} MLPs in tiles of {tile_tokens} tokens"
 
 
+def tiled_mlp_count(model: torch.nn.Module) -> int:
+    """How many MLPs of ``model`` are tiled now."""
+    return sum(getattr(type(m), _BASE_ATTR, None) is not None for m in model.modules())
+
+
 def disable_tiled_mlp(model: torch.nn.Module) -> int:
     """Put every tiled MLP of ``model`` back to its own class (its instance forward, if any, is as it is now).
     Returns how many MLPs were tiled."""

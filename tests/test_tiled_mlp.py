@@ -167,9 +167,12 @@ def test_disable_restores_forward():
     own = mlp.forward  # a bound method of the class's function
     mine = lambda x: LlamaMLP.forward(mlp, x)  # noqa: E731 - an instance forward someone installed before us
     mlp.forward = mine
+    assert tiled_mlp.tiled_mlp_count(model) == 0
     enable_tiled_mlp(model, tile_tokens=TILE)
+    assert tiled_mlp.tiled_mlp_count(model) == LAYERS
     assert mlp.forward is not mine and mlp.__dict__["forward"] is mine and type(mlp).forward is LlamaMLP.forward
     assert disable_tiled_mlp(model) == LAYERS and disable_tiled_mlp(model) == 0
+    assert tiled_mlp.tiled_mlp_count(model) == 0
     assert type(mlp) is LlamaMLP and mlp.forward is mine and "_fastsft_tile_tokens" not in mlp.__dict__
     del mlp.forward
     assert mlp.forward.__func__ is own.__func__ is LlamaMLP.forward
