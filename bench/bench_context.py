@@ -33,10 +33,14 @@ N positions) or on the assistant half (``--loss-on assistant``). The trial fits 
 running out of memory (``torch.OutOfMemoryError`` or an error saying "out of memory", anywhere from loading to
 the optimizer step); any other failure stops that search. The cap bounds PyTorch's caching allocator only: the
 CUDA context (about 0.5 GiB) comes on top, and a card sold as "80 GB" has about 79 GiB, so the 80 GiB cap is
-slightly kinder than such a card. Offloading needs pinned host memory of 32 layers x N x 4096 x 2 bytes (85 GiB
-at 350k tokens).
+slightly kinder than such a card. Every case's process runs with ``PYTORCH_CUDA_ALLOC_CONF`` from ``--alloc-conf`` (default
+``expandable_segments:True``, for both providers; recorded in the JSON): with PyTorch's default allocator a
+fastsft trial of 261k tokens reserved the whole 80 GiB at a peak of 61.8 GiB allocated, and the one of 350k failed
+with 5.5 GiB reserved but free. Offloading needs pinned host memory of 32 layers x N x 4096 x 2 bytes (85 GiB at
+350k tokens).
 
-The search (:func:`search_max_tokens`) doubles N from ``--start`` until a trial fails, then bisects until the
+The search (:func:`search_max_tokens`) moves N from ``--start`` by ``--step`` (default ``--start``: N doubles), the
+step doubling after each trial, until a trial fails, then bisects until the
 longest fitting and the shortest failing N are at most ``--resolution`` apart. Fewer trials: caps run in
 increasing order and what fit under a smaller cap is known to fit under a larger one; from the second cap on, the
 first N is predicted from a straight line through the successful trials' (N, peak reserved memory), and the
@@ -44,8 +48,9 @@ search gallops from there (steps of about 3% that double). ``--time-budget`` (se
 trial that would end after it (estimated by the longest trial so far) and stops a trial still running when it
 ends (counted as unknown); each row then keeps the best known fitting and failing N, and ``stopped`` says why the
 search ended (``resolved``, ``limit``, ``nothing fits``, ``budget``, ``inconclusive``). ``--resume`` continues
-from an earlier run's JSON, so one search can span several calls. Rows: ``fitted_tokens``, ``failed_tokens``,
-``trials`` (run in this search), ``seconds``, and from the trial at ``fitted_tokens``: peak reserved memory and
+from earlier runs' JSONs, so one search can span several calls and searches run side by side (one cap per GPU)
+merge into one table. Rows: ``fitted_tokens``, ``failed_tokens``, ``trials`` (all of the search's trials, earlier
+runs' included), ``seconds``, and from the trial at ``fitted_tokens``: peak reserved memory and
 the wall time of its one ``train()`` (``step_s``; includes setting up the dataloader and optimizer); every trial
 is listed in the JSON (``trial_log``).
 
@@ -82,6 +87,9 @@ PROVIDERS = ("trl", "fastsft")
 FASTSFT_MODES = ("offload", "plain", "offload-tiled")
 FIXED_MODES = ("offload", "plain")  # at 2 x 2048 tokens the tiles would change nothing
 CONTEXT_MODES = ("offload-tiled", "offload")
+# With the default allocator, large [tokens, ...] tensors of varying sizes leave cached blocks that fit nothing later
+# (a 261k-token trial reserved all of 80 GiB at 61.8 GiB allocated); expandable segments grow one mapped range.
+ALLOC_CONF = "expandable_segments:True"
 TARGET_PEAK_GIB = 7.0
 TARGET_TOKENS, TARGET_CAP_GIB = 350_000, 80
 FIXED_COLUMNS = ["provider", "checkpointing", "batch", "max_length", "tokens_per_s", "peak_GiB", "peak_reserved_GiB",
@@ -272,9 +280,14 @@ def run_case(spec: dict, timeout: float | None = None) -> dict:
     timeout come back as a row with ``error``."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "bench.bench_context", "--case", json.dumps(spec), "--result-json", f.name]
+        env = os.environ.copy()
+        if spec.get("alloc_conf"):  # read when CUDA starts: it must be in the process's environment
+            env["PYTORCH_CUDA_ALLOC_CONF"] = spec["alloc_conf"]
+        elif "alloc_conf" in spec:
+            env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
         start = time.time()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), cwd=ROOT,
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
             return {"error": f"stopped after {timeout:.0f} s (time budget)", "wall_s": time.time() - start}
@@ -308,6 +321,7 @@ def run_fixed(a: argparse.Namespace, checkpoint: str | None) -> list[dict]:
     rows = []
     for provider, mode in variants(a):
         spec = {"kind": "fixed", "provider": provider, "checkpointing": mode, "model": a.model,
+                "alloc_conf": a.alloc_conf,
                 "checkpoint": checkpoint, "batch": a.batch, "max_length": a.max_length, "warmup": a.warmup,
                 "steps": a.steps}
         row = {"mode": "fixed", "provider": provider, "checkpointing": mode, **run_case(spec)}
@@ -316,12 +330,15 @@ def run_fixed(a: argparse.Namespace, checkpoint: str | None) -> list[dict]:
     return rows
 
 
-def _resumed(path: Path | None) -> dict:
-    """(provider, checkpointing, cap) -> an earlier run's max-context row."""
-    if path is None:
-        return {}
-    rows = json.loads(path.read_text())["rows"]
-    return {(r["provider"], r["checkpointing"], r["cap_GiB"]): r for r in rows if r.get("mode") == "max_context"}
+def _resumed(paths: list[Path] | None) -> dict:
+    """(provider, checkpointing, cap) -> an earlier run's max-context row; of several runs (searches split across
+    GPUs or calls), a later file's row for the same search wins."""
+    earlier = {}
+    for path in paths or []:
+        rows = json.loads(path.read_text())["rows"]
+        earlier.update({(r["provider"], r["checkpointing"], r["cap_GiB"]): r for r in rows
+                        if r.get("mode") == "max_context"})
+    return earlier
 
 
 def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[float], fake_limit: int | None,
@@ -340,7 +357,7 @@ def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[fl
             fitted = [t["tokens"] for t in done if t.get("fits") is True and t["cap_GiB"] <= cap]
             failed = [t["tokens"] for t in done if t.get("fits") is False and t["cap_GiB"] >= cap]
             lower, upper = max(fitted, default=None), min(failed, default=None)
-            start, step = a.start, None
+            start, step = a.start, a.step
             guess = predicted_tokens([(t["tokens"], t["peak_reserved_GiB"] * 2**30) for t in done
                                       if t.get("fits") and t.get("peak_reserved_GiB")], cap * 2**30)
             if guess is not None:
@@ -353,6 +370,7 @@ def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[fl
                     log.append({"tokens": n, "fits": False, "error": "fake limit", "cap_GiB": cap})
                     return False
                 spec = {"kind": "trial", "provider": provider, "checkpointing": mode, "model": a.model,
+                        "alloc_conf": a.alloc_conf,
                         "checkpoint": checkpoint, "tokens": n, "cap_GiB": cap, "loss_on": a.loss_on}
                 left = deadline - time.monotonic()
                 result = run_case(spec, timeout=max(1.0, left) if math.isfinite(left) else None)
@@ -371,7 +389,8 @@ def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[fl
             errors = [t["error"] for t in log if t.get("fits") is None and t.get("error")]
             rows.append({"mode": "max_context", "provider": provider, "checkpointing": mode, "cap_GiB": cap,
                          "fitted_tokens": search.fitted, "failed_tokens": search.failed, "stopped": search.stopped,
-                         "trials": len(search.trials), "seconds": search.seconds + old.get("seconds", 0.0),
+                         "trials": len(old.get("trial_log", []) + log),
+                         "seconds": search.seconds + old.get("seconds", 0.0),
                          "peak_reserved_GiB": at_fit.get("peak_reserved_GiB"), "step_s": at_fit.get("step_s"),
                          "error": errors[-1] if errors else None, "loss_on": a.loss_on, "resolution": a.resolution,
                          "trial_log": old.get("trial_log", []) + log})
@@ -441,9 +460,15 @@ def main(argv=None) -> None:
                         help="seconds for all searches together; then each keeps its best known bounds")
     parser.add_argument("--loss-on", choices=["all", "assistant"], default="all",
                         help="tokens carrying the loss in a max-context trial")
-    parser.add_argument("--resume", type=Path, help="an earlier --max-context JSON: continue its searches")
+    parser.add_argument("--step", type=int, default=None,
+                        help="the search's first move from --start (default: --start, so N doubles)")
+    parser.add_argument("--resume", type=Path, nargs="+",
+                        help="earlier --max-context JSONs: continue their searches (and merge their rows)")
     parser.add_argument("--checkpoint-dir", type=Path,
                         help="keep the random bf16 model here (reused when it is there already)")
+    parser.add_argument("--alloc-conf", default=ALLOC_CONF,
+                        help=f"PYTORCH_CUDA_ALLOC_CONF of every case's process, both providers (default "
+                             f"{ALLOC_CONF!r}; '' for PyTorch's default allocator)")
     parser.add_argument("--cpu-fake-limit", type=int,
                         help="FOR TESTS ONLY: every N above this counts as out of memory without running")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -478,7 +503,8 @@ def main(argv=None) -> None:
     title = f"{a.model}, {'QLoRA (NF4)' if gpu['cuda'] else 'LoRA (CPU, no 4-bit)'}, r={RANK}, checkpointing"
     # the 7 GiB target is for 2048 x 2 only
     fixed_measured = measured and (a.batch, a.max_length) == (2, 2048)
-    extra = {"rank": RANK, "card_total_GiB": gpu["total"] / 2**30, "fake_limit": a.cpu_fake_limit}
+    extra = {"rank": RANK, "card_total_GiB": gpu["total"] / 2**30, "fake_limit": a.cpu_fake_limit,
+             "alloc_conf": a.alloc_conf or None}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = _checkpoint(a, tmp) if gpu["cuda"] else None
         if a.max_context and checkpoint is None:

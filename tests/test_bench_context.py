@@ -1,6 +1,7 @@
 """bench.bench_context: the search for the longest sequence that fits, the targets, and the command on the CPU."""
 
 import json
+import subprocess
 
 import pytest
 
@@ -165,7 +166,10 @@ def test_max_context_on_the_cpu(tmp_path):
                         "--caps", "16", "--resolution", "128", "--cpu-fake-limit", "200", "--name", "again",
                         "--resume", str(tmp_path / "context_tiny_max.json"), "--out", str(tmp_path)])
     again = json.loads((tmp_path / "again_max.json").read_text())["rows"]
-    assert len(again) == 4 and again[0]["trials"] == 0 and again[0]["fitted_tokens"] == 128
+    first = rows[("fastsft", "offload", 16)]
+    assert len(again) == 4 and again[0]["fitted_tokens"] == 128
+    # no new trial; the row counts the earlier run's
+    assert again[0]["trial_log"] == first["trial_log"] and again[0]["trials"] == len(first["trial_log"]) > 0
 
 
 @pytest.mark.slow
@@ -199,3 +203,32 @@ def test_offload_tiled_trial_on_the_cpu(tmp_path):
     ran = {r["checkpointing"]: [t for t in r["trial_log"] if t.get("error") != "fake limit"] for r in rows}
     assert ran["offload-tiled"][0]["fits"] and ran["offload-tiled"][0]["tiled_mlps"] == 2  # both layers' MLPs
     assert ran["offload"][0]["tiled_mlps"] == 0
+
+
+def test_resume_merges_runs_split_across_gpus(tmp_path):
+    def row(provider, cap, fitted):
+        return {"mode": "max_context", "provider": provider, "checkpointing": "plain", "cap_GiB": cap,
+                "fitted_tokens": fitted, "trial_log": []}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"rows": [row("trl", 16, 100), row("trl", 24, 200), {"mode": "fixed"}]}))
+    b.write_text(json.dumps({"rows": [row("trl", 24, 300), row("fastsft", 80, 400)]}))
+    merged = bench_context._resumed([a, b])
+    assert set(merged) == {("trl", "plain", 16), ("trl", "plain", 24), ("fastsft", "plain", 80)}
+    assert merged[("trl", "plain", 24)]["fitted_tokens"] == 300  # the later file wins
+    assert bench_context._resumed(None) == {}
+
+
+def test_each_case_process_gets_the_allocator_setting(monkeypatch):
+    seen = []
+
+    def fake_run(cmd, env, **kwargs):
+        seen.append(env.get("PYTORCH_CUDA_ALLOC_CONF"))
+        return subprocess.CompletedProcess(cmd, 1, "", "boom")
+
+    monkeypatch.setattr(bench_context.subprocess, "run", fake_run)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "garbage_collection_threshold:0.6")
+    bench_context.run_case({"kind": "trial", "alloc_conf": "expandable_segments:True"})
+    bench_context.run_case({"kind": "trial", "alloc_conf": None})  # PyTorch's default: the variable is dropped
+    bench_context.run_case({"kind": "trial"})  # no setting in the spec: the environment's own
+    assert seen == ["expandable_segments:True", None, "garbage_collection_threshold:0.6"]
