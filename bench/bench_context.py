@@ -344,10 +344,17 @@ def _resumed(paths: list[Path] | None) -> dict:
 def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[float], fake_limit: int | None,
                     on_row: Callable[[list[dict]], None]) -> list[dict]:
     """Every variant's search under every cap (increasing), in one time budget; ``on_row`` gets the rows so far
-    after each search (so that a run stopped from outside leaves its results)."""
+    after each trial (so that a run stopped from outside leaves its results; a search still going says
+    ``stopped: "running"``)."""
     deadline = time.monotonic() + a.time_budget
     earlier = _resumed(a.resume)
     rows = []
+
+    def with_earlier(current: list[dict]) -> list[dict]:
+        # searches of an earlier run that this one did not continue stay in the results
+        searched = {(r["provider"], r["checkpointing"], r["cap_GiB"]) for r in current}
+        return current + [r for key, r in earlier.items() if key not in searched]
+
     for provider, mode in variants(a):
         done: list[dict] = [t for r in earlier.values() if (r["provider"], r["checkpointing"]) == (provider, mode)
                             for t in r.get("trial_log", [])]
@@ -364,6 +371,19 @@ def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[fl
                 start = max(a.resolution, guess // a.resolution * a.resolution)
                 step = max(a.resolution, start // 32 // a.resolution * a.resolution)
             log: list[dict] = []
+            began = time.monotonic()
+
+            def row(search: Search) -> dict:
+                at_fit = next((t for t in reversed(old.get("trial_log", []) + log)
+                               if t.get("fits") and t["tokens"] == search.fitted), {})
+                errors = [t["error"] for t in log if t.get("fits") is None and t.get("error")]
+                return {"mode": "max_context", "provider": provider, "checkpointing": mode, "cap_GiB": cap,
+                        "fitted_tokens": search.fitted, "failed_tokens": search.failed, "stopped": search.stopped,
+                        "trials": len(old.get("trial_log", []) + log),
+                        "seconds": search.seconds + old.get("seconds", 0.0),
+                        "peak_reserved_GiB": at_fit.get("peak_reserved_GiB"), "step_s": at_fit.get("step_s"),
+                        "error": errors[-1] if errors else None, "loss_on": a.loss_on, "resolution": a.resolution,
+                        "trial_log": old.get("trial_log", []) + log}
 
             def fits(n: int) -> bool | None:
                 if fake_limit is not None and n > fake_limit:  # tests: a pretend OOM, no process needed
@@ -379,26 +399,19 @@ def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[fl
                 result["cap_GiB"] = cap
                 print(f"{provider}/{mode} cap {cap:g} GiB: {result}", flush=True)
                 log.append(result)
+                now = Search(fitted=max([lower or 0] + [t["tokens"] for t in log if t["fits"] is True]) or None,
+                             failed=min([t["tokens"] for t in log if t["fits"] is False] + [upper or math.inf]),
+                             stopped="running", seconds=time.monotonic() - began)
+                now.failed = None if now.failed == math.inf else now.failed
+                on_row(with_earlier(rows + [row(now)]))
                 return result["fits"]
 
             search = search_max_tokens(fits, start, a.resolution, a.limit, deadline - time.monotonic(),
                                        lower=lower, upper=upper, step=step)
             done.extend(log)
-            at_fit = next((t for t in reversed(old.get("trial_log", []) + log)
-                           if t.get("fits") and t["tokens"] == search.fitted), {})
-            errors = [t["error"] for t in log if t.get("fits") is None and t.get("error")]
-            rows.append({"mode": "max_context", "provider": provider, "checkpointing": mode, "cap_GiB": cap,
-                         "fitted_tokens": search.fitted, "failed_tokens": search.failed, "stopped": search.stopped,
-                         "trials": len(old.get("trial_log", []) + log),
-                         "seconds": search.seconds + old.get("seconds", 0.0),
-                         "peak_reserved_GiB": at_fit.get("peak_reserved_GiB"), "step_s": at_fit.get("step_s"),
-                         "error": errors[-1] if errors else None, "loss_on": a.loss_on, "resolution": a.resolution,
-                         "trial_log": old.get("trial_log", []) + log})
-            on_row(rows)
-    # searches of an earlier run that this one did not continue stay in the results
-    searched = {(r["provider"], r["checkpointing"], r["cap_GiB"]) for r in rows}
-    rows += [r for key, r in earlier.items() if key not in searched]
-    return rows
+            rows.append(row(search))
+            on_row(with_earlier(rows))
+    return with_earlier(rows)
 
 
 # --- targets -------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """bench.bench_context: the search for the longest sequence that fits, the targets, and the command on the CPU."""
 
+import copy
 import json
+import math
 import subprocess
 
 import pytest
@@ -232,3 +234,19 @@ def test_each_case_process_gets_the_allocator_setting(monkeypatch):
     bench_context.run_case({"kind": "trial", "alloc_conf": None})  # PyTorch's default: the variable is dropped
     bench_context.run_case({"kind": "trial"})  # no setting in the spec: the environment's own
     assert seen == ["expandable_segments:True", None, "garbage_collection_threshold:0.6"]
+
+
+def test_every_trial_is_written_as_it_ends(monkeypatch):
+    # a run killed from outside during a long trial keeps the trials before it
+    monkeypatch.setattr(bench_context, "run_case",
+                        lambda spec, timeout=None: {"fits": spec["tokens"] <= 300, "peak_reserved_GiB": 1.0})
+    a = bench_context.argparse.Namespace(
+        time_budget=math.inf, resume=None, providers="fastsft", fastsft_modes="offload", start=128, step=None,
+        resolution=64, limit=1024, model="tiny", alloc_conf=None, loss_on="all")
+    written = []
+    rows = bench_context.run_max_context(a, None, [16], None, lambda r: written.append(copy.deepcopy(r)))
+    assert [w[0]["stopped"] for w in written[:-1]] == ["running"] * (len(written) - 1)
+    assert [(w[0]["fitted_tokens"], w[0]["failed_tokens"]) for w in written[:3]] == [(128, None), (256, None),
+                                                                                     (256, 512)]
+    assert [len(w[0]["trial_log"]) for w in written[:-1]] == list(range(1, len(written)))
+    assert written[-1] == rows and rows[0]["stopped"] == "resolved" and rows[0]["fitted_tokens"] == 256
