@@ -331,14 +331,28 @@ def run_fixed(a: argparse.Namespace, checkpoint: str | None) -> list[dict]:
 
 
 def _resumed(paths: list[Path] | None) -> dict:
-    """(provider, checkpointing, cap) -> an earlier run's max-context row; of several runs (searches split across
-    GPUs or calls), a later file's row for the same search wins."""
-    earlier = {}
+    """(provider, checkpointing, cap) -> an earlier run's max-context row. Of several runs (searches split across
+    GPUs or calls, each file also carrying the rows it resumed from), the row with the most trials wins: a
+    continued search's log holds its earlier one; on a tie, the later file's."""
+    earlier: dict = {}
     for path in paths or []:
-        rows = json.loads(path.read_text())["rows"]
-        earlier.update({(r["provider"], r["checkpointing"], r["cap_GiB"]): r for r in rows
-                        if r.get("mode") == "max_context"})
+        for r in json.loads(path.read_text())["rows"]:
+            key = (r["provider"], r["checkpointing"], r["cap_GiB"])
+            if r.get("mode") == "max_context" and len(r.get("trial_log", [])) >= len(
+                    earlier.get(key, {}).get("trial_log", [])):
+                earlier[key] = r
     return earlier
+
+
+def merged_environment(paths: list[Path]) -> dict:
+    """The environment of runs merged by ``--merge``: their card and versions, which must agree, and every
+    commit and date."""
+    envs = [json.loads(p.read_text())["environment"] for p in paths]
+    differ = {k for e in envs for k in ("card", "cuda", "versions") if e.get(k) != envs[0].get(k)}
+    if differ:
+        raise SystemExit(f"--merge: the runs differ in {', '.join(sorted(differ))}; merge only runs of one setup")
+    return {**envs[-1], "commit": "+".join(dict.fromkeys(e["commit"] or "?" for e in envs)),
+            "date": " / ".join(dict.fromkeys(e["date"] for e in envs))}
 
 
 def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[float], fake_limit: int | None,
@@ -452,6 +466,27 @@ def _checkpoint(a: argparse.Namespace, tmp: str) -> str:
     return str(path)
 
 
+def merge(a: argparse.Namespace) -> None:
+    """One table of max-context searches run apart (one cap per GPU, or over several calls)."""
+    from bench import harness
+
+    first = json.loads(a.resume[0].read_text())
+    rows = sorted(_resumed(a.resume).values(), key=lambda r: (PROVIDERS.index(r["provider"]), r["checkpointing"],
+                                                              r["cap_GiB"]))
+    measured = first["environment"]["card"].startswith("NVIDIA") and first.get("fake_limit") is None
+    # runs before titles were stored: every GPU run so far was the 8B QLoRA one
+    title = first.get("title") or (f"llama-8b, QLoRA (NF4), r={first['rank']}, checkpointing, one step, loss on "
+                                   f"{rows[0]['loss_on']} tokens")
+    harness.write(rows, a.out, a.name or "context_llama-8b_max", CONTEXT_COLUMNS,
+                  f"Longest batch-1 sequence under a memory cap: {title}",
+                  extra={**{k: first.get(k) for k in ("rank", "card_total_GiB", "alloc_conf", "fake_limit")},
+                         "title": title,
+                         "caps_GiB": sorted({r["cap_GiB"] for r in rows}),
+                         "merged_from": [p.name for p in a.resume], "targets": targets([], rows, measured)},
+                  env=merged_environment(a.resume))
+    print(json.dumps(targets([], rows, measured), indent=1))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fixed", action="store_true", help="peak memory and tokens/s at --batch x --max-length")
@@ -473,6 +508,9 @@ def main(argv=None) -> None:
                         help="seconds for all searches together; then each keeps its best known bounds")
     parser.add_argument("--loss-on", choices=["all", "assistant"], default="all",
                         help="tokens carrying the loss in a max-context trial")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --resume: write their searches as one table (card, versions and commits from the "
+                             "files), run nothing")
     parser.add_argument("--step", type=int, default=None,
                         help="the search's first move from --start (default: --start, so N doubles)")
     parser.add_argument("--resume", type=Path, nargs="+",
@@ -492,6 +530,11 @@ def main(argv=None) -> None:
     if a.case:
         spec = json.loads(a.case)
         a.result_json.write_text(json.dumps(fixed_case(spec) if spec["kind"] == "fixed" else context_trial(spec)))
+        return
+    if a.merge:
+        if not a.resume:
+            parser.error("--merge needs the runs' JSONs in --resume")
+        merge(a)
         return
     if not (a.fixed or a.max_context):
         parser.error("say what to run: --fixed, --max-context or both")
@@ -530,10 +573,10 @@ def main(argv=None) -> None:
                           extra={**extra, "targets": targets(fixed, [], fixed_measured)})
 
         def write_context(rows: list[dict]) -> None:
+            context_title = f"{title}, one step, loss on {a.loss_on} tokens"
             harness.write(rows, a.out, f"{prefix}_max", CONTEXT_COLUMNS,
-                          f"Longest batch-1 sequence under a memory cap: {title}, one step, loss on {a.loss_on} "
-                          f"tokens",
-                          extra={**extra, "caps_GiB": caps, "start": a.start, "resolution": a.resolution,
+                          f"Longest batch-1 sequence under a memory cap: {context_title}",
+                          extra={**extra, "title": context_title, "caps_GiB": caps, "start": a.start, "resolution": a.resolution,
                                  "limit": a.limit,
                                  "time_budget_s": a.time_budget if math.isfinite(a.time_budget) else None,
                                  "targets": targets(fixed, rows, measured, fixed_measured)})

@@ -65,10 +65,11 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
 
 
 def write(rows: list[dict], out_dir: Path, name: str, columns: list[str], title: str,
-          extra: dict | None = None) -> None:
-    """``<name>.json`` (environment, ``extra`` and rows) and ``<name>.md`` (a table of ``columns``)."""
+          extra: dict | None = None, env: dict | None = None) -> None:
+    """``<name>.json`` (environment, ``extra`` and rows) and ``<name>.md`` (a table of ``columns``); ``env``
+    replaces this machine's environment (results merged elsewhere from runs on another machine)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = env or environment()
     (out_dir / f"{name}.json").write_text(json.dumps({"environment": env, **(extra or {}), "rows": rows}, indent=1))
     lines = [f"# {title}", "", f"{env['card']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
              + f"; commit {env['commit']}; {env['date']}", "",

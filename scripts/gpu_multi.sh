@@ -6,6 +6,12 @@
 # (summary) and a log per run.
 #
 #   scripts/gpu_multi.sh OUTDIR [RUN ...]      runs: one ddp fsdp2 one_qlora ddp_qlora fsdp2_qlora (default: all)
+#                                              and one_per_gpu (1 GPU, batch 4, no accumulation: each GPU's work
+#                                              per optimizer step in the 2-GPU runs; not in the default list)
+#
+# Two scalings: against "one" (the same global batch, 8 sequences per optimizer step, hence per-step loss parity;
+# one GPU takes one optimizer step per two micro-batches, each DDP rank one per micro-batch), and, when
+# one_per_gpu ran, against it (the same work per GPU and optimizer step: the usual weak-scaling figure).
 #
 # FASTSFT_MULTI_SKIP_BUILD=1 skips the extension build (already built in this checkout); FASTSFT_MULTI_PREWARM=0
 # skips the untimed warm-up runs that compile the kernels first.
@@ -64,6 +70,7 @@ fi
 for r in $runs; do
   case $r in
     one) CUDA_VISIBLE_DEVICES=0 EXTRA_ARGS="--accumulation 2" run one python3 ;;
+    one_per_gpu) CUDA_VISIBLE_DEVICES=0 EXTRA_ARGS="--accumulation 1" run one_per_gpu python3 ;;
     ddp) run ddp "${launch[@]}" "$(port)" "${ddp[@]}" ;;
     fsdp2) run fsdp2 "${launch[@]}" "$(port)" "${fsdp2[@]}" ;;
     one_qlora) CUDA_VISIBLE_DEVICES=0 RUN_STEPS=$QLORA_STEPS EXTRA_ARGS="--accumulation 2 --qlora" run one_qlora python3 ;;
@@ -78,7 +85,7 @@ import json, sys
 from pathlib import Path
 out, wanted = Path(sys.argv[1]), sys.argv[2:]
 # the 1-GPU baselines from an earlier invocation into the same OUTDIR count too (runs can be split across calls)
-names = list(dict.fromkeys([*wanted, "one", "one_qlora"]))
+names = list(dict.fromkeys([*wanted, "one", "one_qlora", "one_per_gpu"]))
 runs = {n: json.loads((out / f"{n}.json").read_text()) for n in names if (out / f"{n}.json").exists()}
 summary = {"versions": json.loads((out / "versions.json").read_text()),
            "runs": {n: {k: r[k] for k in ("processes", "distributed_type", "fsdp_version", "device", "qlora",
@@ -86,6 +93,8 @@ summary = {"versions": json.loads((out / "versions.json").read_text()),
                     for n, r in runs.items()}}
 ok = all(n in runs for n in wanted)
 for name in runs:
+    if name == "one_per_gpu":  # another global batch: no loss parity; the baseline of the per-GPU scaling below
+        continue
     base = "one_qlora" if name.endswith("_qlora") else "one"
     one = runs.get(base)
     if name != base and one and name in runs:
@@ -99,6 +108,11 @@ for name in runs:
             summary[f"{name}_scaling_median_step"] = (runs[name]["median_step_tokens_per_s"]
                                                       / one["median_step_tokens_per_s"])
         ok = ok and rel < 1e-2
+if "one_per_gpu" in runs and "ddp" in runs:
+    per_gpu = runs["one_per_gpu"]
+    summary["ddp_scaling_per_gpu"] = runs["ddp"]["tokens_per_s"] / per_gpu["tokens_per_s"]
+    summary["ddp_scaling_per_gpu_median_step"] = (runs["ddp"]["median_step_tokens_per_s"]
+                                                  / per_gpu["median_step_tokens_per_s"])
 # both ways of timing must clear the target: the run's tokens/s and the median step's
 summary["ddp_scaling_target_1.9x_met"] = min(summary.get("ddp_scaling", 0),
                                              summary.get("ddp_scaling_median_step", 0)) >= 1.9
@@ -111,11 +125,13 @@ rows = [{"run": n, **{k: r.get(k) for k in ("processes", "distributed_type", "fs
                                           "accumulation", "max_length", "steps_timed", "tokens_per_s",
                                           "median_step_tokens_per_s", "peak_GiB")},
          "scaling": summary.get(f"{n}_scaling"), "scaling_median_step": summary.get(f"{n}_scaling_median_step"),
+         "scaling_per_gpu": summary.get(f"{n}_scaling_per_gpu"),
+         "scaling_per_gpu_median_step": summary.get(f"{n}_scaling_per_gpu_median_step"),
          "max_loss_rel_diff": summary.get(f"{n}_max_loss_rel_diff"), "first_losses": r["losses"][:5]}
         for n, r in runs.items()]
 harness.write(rows, out, "multi_gpu_result", ["run", "processes", "distributed_type", "qlora", "per_device_batch",
               "accumulation", "tokens_per_s", "median_step_tokens_per_s", "scaling", "scaling_median_step",
-              "peak_GiB", "max_loss_rel_diff"],
+              "scaling_per_gpu", "scaling_per_gpu_median_step", "peak_GiB", "max_loss_rel_diff"],
               "Llama-1B shape, LoRA r=16, packing, 2048 tokens: 1 GPU against 2 GPUs (DDP, FSDP2)",
               extra={"summary": {k: v for k, v in summary.items() if k != "runs"}})
 print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
