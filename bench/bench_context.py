@@ -337,9 +337,10 @@ def _resumed(paths: list[Path] | None) -> dict:
     earlier: dict = {}
     for path in paths or []:
         for r in json.loads(path.read_text())["rows"]:
+            if r.get("mode") != "max_context":
+                continue
             key = (r["provider"], r["checkpointing"], r["cap_GiB"])
-            if r.get("mode") == "max_context" and len(r.get("trial_log", [])) >= len(
-                    earlier.get(key, {}).get("trial_log", [])):
+            if len(r.get("trial_log", [])) >= len(earlier.get(key, {}).get("trial_log", [])):
                 earlier[key] = r
     return earlier
 
@@ -351,8 +352,9 @@ def merged_environment(paths: list[Path]) -> dict:
     differ = {k for e in envs for k in ("card", "cuda", "versions") if e.get(k) != envs[0].get(k)}
     if differ:
         raise SystemExit(f"--merge: the runs differ in {', '.join(sorted(differ))}; merge only runs of one setup")
+    dates = sorted(e["date"] for e in envs)
     return {**envs[-1], "commit": "+".join(dict.fromkeys(e["commit"] or "?" for e in envs)),
-            "date": " / ".join(dict.fromkeys(e["date"] for e in envs))}
+            "date": dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"}
 
 
 def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[float], fake_limit: int | None,

@@ -217,7 +217,7 @@ def test_resume_merges_runs_split_across_gpus(tmp_path):
     b.write_text(json.dumps({"rows": [row("trl", 24, 300), row("fastsft", 80, 400)]}))
     merged = bench_context._resumed([a, b])
     assert set(merged) == {("trl", "plain", 16), ("trl", "plain", 24), ("fastsft", "plain", 80)}
-    assert merged[("trl", "plain", 24)]["fitted_tokens"] == 300  # the later file wins
+    assert merged[("trl", "plain", 24)]["fitted_tokens"] == 300  # as many trials (none): the later file wins
     assert bench_context._resumed(None) == {}
 
 
@@ -250,3 +250,36 @@ def test_every_trial_is_written_as_it_ends(monkeypatch):
                                                                                      (256, 512)]
     assert [len(w[0]["trial_log"]) for w in written[:-1]] == list(range(1, len(written)))
     assert written[-1] == rows and rows[0]["stopped"] == "resolved" and rows[0]["fitted_tokens"] == 256
+
+
+def test_merge_writes_one_table_from_runs_on_another_machine(tmp_path):
+    env = {"card": "NVIDIA H200", "cuda": "13.0", "versions": {"torch": "2.11.0"}}
+
+    def run(name, commit, date, rows):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"environment": {**env, "commit": commit, "date": date}, "rank": 32,
+                                    "alloc_conf": "expandable_segments:True", "fake_limit": None, "rows": rows}))
+        return path
+
+    def row(provider, cap, fitted, trials):
+        return {"mode": "max_context", "provider": provider, "checkpointing": "offload-tiled", "cap_GiB": cap,
+                "fitted_tokens": fitted, "failed_tokens": None, "loss_on": "all",
+                "trial_log": [{"tokens": fitted, "fits": True}] * trials}
+
+    # the second call resumed the first, so its file carries the first's stale rows too
+    first = run("a", "c1", "2026-11-28T18:30:00+00:00", [row("fastsft", 80, 350_000, 1), row("fastsft", 40, 1, 1)])
+    second = run("b", "c2", "2026-11-28T18:40:00+00:00", [row("fastsft", 40, 311_296, 2), row("fastsft", 80, 1, 0)])
+    bench_context.main(["--merge", "--resume", str(first), str(second), "--out", str(tmp_path / "out")])
+    data = json.loads((tmp_path / "out" / "context_llama-8b_max.json").read_text())
+    assert data["environment"]["card"] == "NVIDIA H200" and data["environment"]["commit"] == "c1+c2"
+    assert data["environment"]["date"] == "2026-11-28T18:30:00+00:00 to 2026-11-28T18:40:00+00:00"
+    assert [(r["cap_GiB"], r["fitted_tokens"]) for r in data["rows"]] == [(40, 311_296), (80, 350_000)]
+    assert data["targets"]["context_80"]["met"] is True and data["merged_from"] == ["a.json", "b.json"]
+    assert "| fastsft | offload-tiled | 40 | 311296 |" in (tmp_path / "out" / "context_llama-8b_max.md").read_text()
+
+    env["versions"] = {"torch": "2.12.0"}
+    other = run("c", "c3", "2026-11-28T19:00:00+00:00", [])
+    with pytest.raises(SystemExit, match="differ in versions"):
+        bench_context.main(["--merge", "--resume", str(first), str(other), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        bench_context.main(["--merge", "--out", str(tmp_path)])  # nothing to merge
