@@ -186,6 +186,14 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
               "tokens_per_s": (n1 - n0) / (t1 - t0), "first_losses": losses[:5]}
     if torch.cuda.is_available():
         result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if provider == "fastsft":
+        from fastsft import backends
+
+        # a kernel that failed fell back to a slower backend: the row must say so, not just a warning in a log
+        result["fallbacks"] = backends.fallbacks()
+        unavailable = sorted(op for op, why in backends.report().items() if why.get("triton@cuda", "ok") != "ok")
+        if unavailable:
+            result["fallbacks"]["triton unavailable"] = ", ".join(unavailable)
     return result
 
 

@@ -171,11 +171,33 @@ def chosen(op: str, device: torch.device, backend: str = "auto") -> str:
 
 # --- common availability checks ------------------------------------------------------------------------
 
+def fallbacks() -> dict[str, str]:
+    """Backends that failed in this process and were skipped since: ``"<op>:<backend>@<device type>"`` -> the
+    error. Empty when every op ran the backend ``auto`` chose (benchmarks record this next to their numbers)."""
+    return {f"{op}:{backend}@{device}": error for (op, backend, device), error in _broken.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels_missing() -> str | None:
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("fastsft.triton_kernels") is not None:
+            return None
+    except ImportError:
+        pass
+    # setup.py installs the top-level triton_kernels/ as fastsft.triton_kernels: a source tree on sys.path lacks it
+    return "fastsft.triton_kernels is not importable (fastsft is not installed: pip install -e . in the source tree)"
+
+
 def triton_available(device: torch.device) -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
+    missing = _triton_kernels_missing()
+    if missing:
+        return missing
     if device.type == "cuda":
         return None
     if device.type == "cpu" and os.environ.get(TRITON_INTERPRET_ENV) == "1":

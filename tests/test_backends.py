@@ -38,6 +38,24 @@ def test_launch_failure_falls_back_once(op):
         assert torch.equal(backends.dispatch(OP, "auto", x.device, x), x * 2)
     backends.dispatch(OP, "auto", x.device, x)
     assert op["calls"] == ["cuda", "reference", "reference"]  # marked broken after the first failure
+    # and reported, for benchmarks to record beside their numbers
+    assert backends.fallbacks() == {f"{OP}:cuda@cpu": "RuntimeError: simulated launch failure"}
+
+
+def test_triton_is_unavailable_when_our_kernels_are_not_importable(monkeypatch):
+    """A source tree on sys.path without installing: triton_kernels/ is not fastsft.triton_kernels there. Every
+    Triton backend must then say so (reports, auto order), not fail at each op's first call."""
+    import importlib.util
+
+    assert backends._triton_kernels_missing() is None  # this test session runs an installed fastsft
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fastsft.triton_kernels" else real(name, *a))
+    missing = backends._triton_kernels_missing.__wrapped__()
+    assert "pip install -e ." in missing
+    monkeypatch.setattr(backends, "_triton_kernels_missing", lambda: missing)
+    assert backends.triton_available(torch.device("cuda")) == missing
+    assert backends.unavailable_reason("rms_norm", "triton", torch.device("cuda")) == missing
 
 
 def test_unsupported_input_moves_on_quietly(op):

@@ -183,6 +183,7 @@ def test_fixed_on_the_cpu(tmp_path):
     assert "error" not in row, row
     assert row["provider"] == "fastsft" and row["checkpointing"] == "offload" and row["rank"] == 32
     assert row["tokens_per_s"] > 0 and row["batch"] == 2 and row["max_length"] == 256
+    assert row["fallbacks"] == {}  # every kernel ran the backend auto chose
     assert data["targets"]["peak_2048x2"]["met"] is None
 
 
