@@ -8,7 +8,11 @@ fastsft's ``triton`` and ``cuda`` backends. Llama-3-8B shapes in bf16 (hidden 40
 and 8 key/value heads of 128) at 8k and 16k tokens; the norm weight frozen (the LoRA case). Rows record the
 median time, p20/p80, the peak memory above the inputs, the bytes each op must move at least (forward:
 read inputs, write outputs; backward: read the upstream gradient and the saved inputs, write the gradients),
-and GB/s as a fraction of the card's device-to-device copy bandwidth measured in the same run.
+and GB/s as a fraction of the card's device-to-device copy bandwidth measured in the same run. ``ms`` is timed
+from an idle device (``triton.testing.do_bench``), so the host's time to launch the step counts where it is
+longer than the kernels'; ``device_ms`` (and ``device_GB/s``, ``device_of_copy_bw``) times the step with its
+launches queued behind a spinning kernel (:func:`bench.harness.device_time_ms`): the kernels alone
+(``device_covered`` False means the queue ran dry, so that figure still holds launch gaps).
 ``--write-table`` stores fastsft's backend order for this card in ``fastsft/backend_table.json``.
 """
 
@@ -150,6 +154,10 @@ def measure(op: str, provider: str, tokens: int, copy_gbs: float) -> dict:
         row["min_GB"] = nbytes / 1e9
         row["GB/s"] = nbytes / (row["ms"] * 1e-3) / 1e9
         row["of_copy_bw"] = row["GB/s"] / copy_gbs
+        # the same with the launches queued ahead: the kernels' bandwidth, without the host's launch time
+        row.update(harness.device_time_ms(step, grad_to_none=leaves))
+        row["device_GB/s"] = nbytes / (row["device_ms"] * 1e-3) / 1e9
+        row["device_of_copy_bw"] = row["device_GB/s"] / copy_gbs
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     except Exception as exc:  # one provider failing (or missing) must not hide the others
@@ -204,8 +212,8 @@ def main(argv=None) -> None:
             for provider in args.providers.split(","):
                 rows.append(measure(op, provider, t, copy_gbs) | {"copy_GB/s": copy_gbs})
     harness.write(rows, args.out, "norm_rope_act",
-                  ["op", "provider", "tokens", "ms", "ms_p20", "ms_p80", "GB/s", "of_copy_bw", "peak_extra_GiB",
-                   "error"],
+                  ["op", "provider", "tokens", "ms", "ms_p20", "ms_p80", "GB/s", "of_copy_bw", "device_ms",
+                   "device_of_copy_bw", "device_covered", "peak_extra_GiB", "error"],
                   "RMSNorm, RoPE, SwiGLU, GeGLU (tanh): forward+backward, Llama-3-8B shapes, bf16")
     if args.write_table:
         write_backend_table(rows)

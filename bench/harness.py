@@ -1,7 +1,9 @@
 """Shared benchmark plumbing: environment rows, GPU timing, peak memory, result files.
 
 Timing follows ../shared METHOD: CUDA events around the region (``triton.testing.do_bench``), warm-up first,
-median with p20/p80 of many runs. Memory is the peak allocated during one call minus what was allocated before
+median with p20/p80 of many runs. :func:`device_time_ms` times the same region with its launches queued behind a
+spinning kernel, so that the host's time to launch it is hidden: the kernels' own time, for bandwidth figures of
+ops that are quicker on the device than their launches are on the host. Memory is the peak allocated during one call minus what was allocated before
 it (the inputs), after a reset of the peak counter.
 """
 
@@ -51,6 +53,94 @@ def time_ms(fn: Callable[[], object], *, warmup_ms: float = 100, rep_ms: float =
     med, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
                                             quantiles=[0.5, 0.2, 0.8])
     return {"ms": med, "ms_p20": p20, "ms_p80": p80}
+
+
+# --- device time with the host's launch time hidden ------------------------------------------------------------
+
+def _gpu_cycles_per_ms() -> float:
+    """Clock cycles ``torch.cuda._sleep`` spins per millisecond on the current device (measured once)."""
+    device = torch.cuda.current_device()
+    if device not in _CYCLES_PER_MS:
+        torch.cuda._sleep(1_000)  # load the kernel first
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(2_000_000)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_MS[device] = 2_000_000 / start.elapsed_time(end)
+    return _CYCLES_PER_MS[device]
+
+
+_CYCLES_PER_MS: dict[int, float] = {}
+
+
+def gpu_sleep(ms: float) -> None:
+    """Keep the current stream busy for about ``ms`` milliseconds (a spinning kernel), without the host waiting."""
+    torch.cuda._sleep(max(1, int(ms * _gpu_cycles_per_ms())))
+
+
+def queued_device_ms(step: Callable[..., object], args: Callable[[], tuple], rounds: int, *,
+                     host_ms: float, mark: Callable[[], object], elapsed_ms: Callable[[list], list[float]],
+                     sleep: Callable[[float], None], sync: Callable[[], None], tries: int = 3) -> dict:
+    """Device time of ``step(*args())`` when its launches are already queued: each round first puts a spinning
+    kernel of about twice ``host_ms`` on the stream, so the host enqueues the whole step while the device waits,
+    and the events around the step then time the kernels back to back (launch overhead and the host's Python are
+    what ``time_ms``-style timing from an idle device adds on top). A round whose enqueueing outlasted the wait is
+    not host-free: then the wait doubles and the rounds run again (``tries`` times); ``device_covered`` says
+    whether the last try's every round was covered. Returns ``device_ms`` (median), ``device_ms_p20``/``_p80``,
+    ``device_covered``, ``device_wait_ms``."""
+    import statistics
+    import time
+
+    wait = max(0.1, 2 * host_ms)
+    for _ in range(tries):
+        pairs, hosts = [], []
+        for _ in range(rounds):
+            a = args()
+            t0 = time.perf_counter()
+            sleep(wait)
+            start = mark()
+            step(*a)
+            pairs.append((start, mark()))
+            hosts.append((time.perf_counter() - t0) * 1e3)
+            sync()
+        covered = max(hosts) < wait
+        if covered:
+            break
+        wait = 2 * max(max(hosts), wait)
+    times = sorted(elapsed_ms(pairs))
+    pick = lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))]  # noqa: E731
+    return {"device_ms": statistics.median(times), "device_ms_p20": pick(0.2), "device_ms_p80": pick(0.8),
+            "device_covered": covered, "device_wait_ms": wait}
+
+
+def device_time_ms(fn: Callable[[], object], *, rounds: int = 30, grad_to_none=None) -> dict:
+    """:func:`queued_device_ms` of ``fn`` on the current CUDA stream (gradients of ``grad_to_none`` cleared
+    before each round, outside the timed region)."""
+    import time
+
+    def args() -> tuple:
+        for t in grad_to_none or ():
+            t.grad = None
+        return ()
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()  # the host's time to enqueue one call (the device still running it)
+    host_ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+
+    def mark():
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed(pairs):
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in pairs]
+
+    return queued_device_ms(lambda: fn(), args, rounds, host_ms=host_ms, mark=mark, elapsed_ms=elapsed,
+                            sleep=gpu_sleep, sync=torch.cuda.synchronize)
 
 
 def peak_extra_bytes(fn: Callable[[], object]) -> int:

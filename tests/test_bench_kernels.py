@@ -147,3 +147,25 @@ def test_to_rows_takes_the_suite_environment():
     assert results["rms_norm"][1] == [{"provider": "liger", "tokens": 16384, "ms": 0.5, "ms_p20": 0.4,
                                        "ms_p80": 0.6, "peak_extra_GiB": 0.1}]
     assert results["test_x"][1] == [{"provider": "a", "ms": 2.0}]  # no CUDA events: pytest-benchmark's median
+
+
+def test_queued_device_time_waits_longer_until_the_host_keeps_ahead():
+    """The device waits (a spinning kernel) while the host enqueues the step; a round whose enqueueing took longer
+    than the wait is not host-free, so the wait grows and the rounds run again."""
+    import time
+
+    from bench import harness
+
+    waits, syncs, args = [], [], iter(range(100))
+    step = lambda i: time.sleep(0.002)  # noqa: E731  2 ms of host work per step
+    info = harness.queued_device_ms(step, lambda: (next(args),), 3, host_ms=0.5, mark=time.perf_counter,
+                                    elapsed_ms=lambda pairs: [(b - a) * 1e3 for a, b in pairs],
+                                    sleep=waits.append, sync=lambda: syncs.append(1))
+    assert waits[:3] == [1.0] * 3 and len(set(waits[3:])) == 1 and waits[3] >= 4.0  # doubled past the host time
+    assert info["device_covered"] and info["device_wait_ms"] == waits[-1] and len(syncs) == len(waits) == 6
+    assert 2.0 <= info["device_ms_p20"] <= info["device_ms"] <= info["device_ms_p80"] < 50
+
+    never = harness.queued_device_ms(step, lambda: (0,), 2, host_ms=0.0, mark=time.perf_counter,
+                                     elapsed_ms=lambda pairs: [(b - a) * 1e3 for a, b in pairs],
+                                     sleep=lambda ms: None, sync=lambda: None, tries=1)
+    assert never["device_covered"] is False  # 0.1 ms of wait never covers 2 ms of host time
