@@ -192,9 +192,10 @@ def _triton_backend(kind, x, projections, scaling, activation, casts):
     return _LoraProjections.apply(x, scaling, tuple(objs), casts, *tensors)
 
 
-def _split(t: torch.Tensor, sizes):
-    """Column blocks of ``t`` [T, sum(sizes)]."""
-    return torch.split(t, list(sizes), dim=1)
+def _split(t: torch.Tensor, sizes, dim: int = 1):
+    """Blocks of ``t`` along ``dim`` (columns by default). The tensor method itself: ``torch.split``'s Python
+    wrapper (symbolic-shape checks) took about as long as the GEMMs' own dispatch, on every projection."""
+    return t.split_with_sizes(list(sizes), dim)
 
 
 class _LoraProjections(torch.autograd.Function):
@@ -264,7 +265,7 @@ class _LoraProjections(torch.autograd.Function):
             dx.addmm_(dyb, a_cat)
             dx = dx.view(*ctx.lead, dx.shape[-1])
         da_cat = _mm(dyb.T, x, params[0][0].dtype) if any(ctx.needs_input_grad[5::3]) else None
-        da = torch.split(da_cat, ranks, dim=0) if da_cat is not None else [None] * len(ranks)
+        da = _split(da_cat, ranks, 0) if da_cat is not None else [None] * len(ranks)
         out = [dx, None, None, None]
         xa_parts = _split(xa, ranks)
         for i in range(len(grads)):
