@@ -33,11 +33,11 @@ N positions) or on the assistant half (``--loss-on assistant``). The trial fits 
 running out of memory (``torch.OutOfMemoryError`` or an error saying "out of memory", anywhere from loading to
 the optimizer step); any other failure stops that search. The cap bounds PyTorch's caching allocator only: the
 CUDA context (about 0.5 GiB) comes on top, and a card sold as "80 GB" has about 79 GiB, so the 80 GiB cap is
-slightly kinder than such a card. Every case's process runs with ``PYTORCH_CUDA_ALLOC_CONF`` from ``--alloc-conf`` (default
-``expandable_segments:True``, for both providers; recorded in the JSON): with PyTorch's default allocator a
-fastsft trial of 261k tokens reserved the whole 80 GiB at a peak of 61.8 GiB allocated, and the one of 350k failed
-with 5.5 GiB reserved but free. Offloading needs pinned host memory of 32 layers x N x 4096 x 2 bytes (85 GiB at
-350k tokens).
+slightly kinder than such a card. Every case's process runs with ``PYTORCH_CUDA_ALLOC_CONF`` from
+``--alloc-conf`` (default ``expandable_segments:True``, for both providers; recorded in the JSON): with PyTorch's
+default allocator a fastsft trial of 261k tokens reserved the whole 80 GiB at a peak of 61.8 GiB allocated, and
+the one of 350k failed with 5.5 GiB reserved but free. Offloading needs pinned host memory of 32 layers x N x
+4096 x 2 bytes (85 GiB at 350k tokens).
 
 The search (:func:`search_max_tokens`) moves N from ``--start`` by ``--step`` (default ``--start``: N doubles), the
 step doubling after each trial, until a trial fails, then bisects until the
@@ -475,7 +475,9 @@ def merge(a: argparse.Namespace) -> None:
     first = json.loads(a.resume[0].read_text())
     rows = sorted(_resumed(a.resume).values(), key=lambda r: (PROVIDERS.index(r["provider"]), r["checkpointing"],
                                                               r["cap_GiB"]))
-    measured = first["environment"]["card"].startswith("NVIDIA") and first.get("fake_limit") is None
+    measured = first.get("measured")
+    if measured is None:  # runs before it was stored: all on an NVIDIA card with the 8B model
+        measured = first["environment"]["card"].startswith("NVIDIA") and first.get("fake_limit") is None
     # runs before titles were stored: every GPU run so far was the 8B QLoRA one
     title = first.get("title") or (f"llama-8b, QLoRA (NF4), r={first['rank']}, checkpointing, one step, loss on "
                                    f"{rows[0]['loss_on']} tokens")
@@ -578,8 +580,8 @@ def main(argv=None) -> None:
             context_title = f"{title}, one step, loss on {a.loss_on} tokens"
             harness.write(rows, a.out, f"{prefix}_max", CONTEXT_COLUMNS,
                           f"Longest batch-1 sequence under a memory cap: {context_title}",
-                          extra={**extra, "title": context_title, "caps_GiB": caps, "start": a.start, "resolution": a.resolution,
-                                 "limit": a.limit,
+                          extra={**extra, "title": context_title, "measured": measured, "caps_GiB": caps,
+                                 "start": a.start, "resolution": a.resolution, "limit": a.limit,
                                  "time_budget_s": a.time_budget if math.isfinite(a.time_budget) else None,
                                  "targets": targets(fixed, rows, measured, fixed_measured)})
 
