@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
+from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher, next_power_of_2
 
 from fastsft.ops.linear_cross_entropy import cross_entropy_rows_fake
 
@@ -93,7 +93,7 @@ def _cross_entropy_rows_kernel(
 
 
 def _block_size(vocab: int) -> int:
-    return min(triton.next_power_of_2(vocab), 4096)
+    return min(next_power_of_2(vocab), 4096)
 
 
 @eager_direct_triton_op("fastsft::cross_entropy_rows_triton", mutates_args={"logits"})

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
+from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a kernel may read a global only as a constexpr
 LN2 = tl.constexpr(0.6931471805599453)
@@ -441,7 +441,7 @@ _INTERPRETER = {"fwd": dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1),
 
 
 def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def _dim_class(head_dim: int) -> int:
@@ -497,7 +497,7 @@ def _flags(q, causal, window, softcap, cfg):
 # launch.direct_launch(), as eager calls of the ops run).
 
 def launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg):
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, q.shape[1])
+    grid = (cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, q.shape[1])
     launcher(_flash_fwd_kernel)[grid](
         q, k, v, out, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -507,14 +507,14 @@ def launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal,
 def launch_preprocess(out, dout, delta):
     total, hq, d = out.shape
     pre_m = 64 if out.device.type == "cuda" else 32
-    launcher(_bwd_preprocess_kernel)[(triton.cdiv(total, pre_m), hq)](
+    launcher(_bwd_preprocess_kernel)[(cdiv(total, pre_m), hq)](
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), total,
         HEAD_DIM=d, BLOCK_M=pre_m, BLOCK_D=block_d(d), num_warps=4)
 
 
 def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap,
                 cfg):
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_N"]), cu_seqlens.shape[0] - 1, k.shape[1])
+    grid = (cdiv(max_seqlen, cfg["BLOCK_N"]), cu_seqlens.shape[0] - 1, k.shape[1])
     launcher(_bwd_dkdv_kernel)[grid](
         q, k, v, dout, dk, dv, lse, delta, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
@@ -523,7 +523,7 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softm
 
 
 def launch_dq(dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg):
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, q.shape[1])
+    grid = (cdiv(max_seqlen, cfg["BLOCK_M"]), cu_seqlens.shape[0] - 1, q.shape[1])
     launcher(_bwd_dq_kernel)[grid](
         q, k, v, dout, dq, lse, delta, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
+from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher
 
 from fastsft.ops.gated_activation import ACTIVATION_CODES, gated_activation_backward_fake, gated_activation_forward_fake
 
@@ -75,7 +75,7 @@ def gated_activation_forward(gate: torch.Tensor, up: torch.Tensor, activation: s
     out = gated_activation_forward_fake(gate, up, activation)
     n = gate.numel()
     if n:
-        launcher(_gated_forward_kernel)[(triton.cdiv(n, _BLOCK),)](
+        launcher(_gated_forward_kernel)[(cdiv(n, _BLOCK),)](
             gate, up, out, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
     return out
 
@@ -87,7 +87,7 @@ def gated_activation_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.
     dgate, dup = gated_activation_backward_fake(grad, gate, up, activation)
     n = gate.numel()
     if n:
-        launcher(_gated_backward_kernel)[(triton.cdiv(n, _BLOCK),)](
+        launcher(_gated_backward_kernel)[(cdiv(n, _BLOCK),)](
             grad, gate, up, dgate, dup, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
     return dgate, dup
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
+from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher
 
 from fastsft.ops.gated_activation import ACTIVATION_CODES
 from fastsft.triton_kernels.gated_activation import _act_and_grad, _gated_forward_kernel
@@ -42,7 +42,7 @@ def lora_gated_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) ->
     n = gate.numel()
     if n:
         # the gated activation's own kernel, writing over gate: each element is read, then written, by one program
-        launcher(_gated_forward_kernel)[(triton.cdiv(n, _BLOCK),)](
+        launcher(_gated_forward_kernel)[(cdiv(n, _BLOCK),)](
             gate, up, gate, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
 
 
@@ -52,7 +52,7 @@ def lora_gated_backward(grad_h: torch.Tensor, gate: torch.Tensor, up: torch.Tens
     dtype)."""
     n = gate.numel()
     if n:
-        launcher(_lora_gated_backward_kernel)[(triton.cdiv(n, _BLOCK),)](
+        launcher(_lora_gated_backward_kernel)[(cdiv(n, _BLOCK),)](
             grad_h, gate, up, n, ACT=ACTIVATION_CODES[activation], BLOCK=_BLOCK, num_warps=4)
 
 

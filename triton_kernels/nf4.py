@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
+from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher
 
 from fastsft.ops.nf4 import dequantize_nf4_fake
 
@@ -60,7 +60,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     if n == 0:
         return
     nested = nested_absmax is not None
-    grid = (triton.cdiv(n_bytes, BYTES),)
+    grid = (cdiv(n_bytes, BYTES),)
     launcher(_dequantize_nf4_kernel)[grid](
         packed, absmax, code, nested_absmax if nested else absmax, nested_code if nested else code, out, n, n_bytes,
         offset, nested_blocksize, BLOCKSIZE=blocksize, NESTED=nested, BYTES=BYTES, num_warps=4,

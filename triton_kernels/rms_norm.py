@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
+from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher, next_power_of_2
 
 from fastsft.ops.rms_norm import rms_norm_backward_fake, rms_norm_forward_fake
 
@@ -67,7 +67,7 @@ def _rms_norm_backward_kernel(gy_ptr, gs_ptr, s_ptr, w_ptr, rstd_ptr, dx_ptr, pa
 
 
 def _block(hidden: int) -> tuple[int, int]:
-    block = triton.next_power_of_2(max(hidden, 1))
+    block = next_power_of_2(max(hidden, 1))
     return block, 4 if block <= 1024 else (8 if block <= 4096 else 16)
 
 
@@ -101,8 +101,8 @@ def rms_norm_backward(grad_y: torch.Tensor, grad_sum: Optional[torch.Tensor], s:
     rows, hidden = s.shape
     dx = torch.empty_like(s)
     programs = _programs(rows, s.device)
-    per_program = triton.cdiv(rows, programs) if rows else 0
-    programs = triton.cdiv(rows, per_program) if rows else 1
+    per_program = cdiv(rows, programs) if rows else 0
+    programs = cdiv(rows, per_program) if rows else 1
     partial = torch.zeros(programs if compute_weight_grad else 0, hidden, device=s.device, dtype=torch.float32)
     if rows and hidden:
         block, warps = _block(hidden)

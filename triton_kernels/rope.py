@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher
+from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher, next_power_of_2
 
 
 
@@ -73,12 +73,12 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     if B * S == 0 or D == 0:
         return q_out, k_out
     half = D // 2
-    block_d = triton.next_power_of_2(half)
+    block_d = next_power_of_2(half)
     launcher(_rope_kernel)[(B * S,)](
         q, k, q_out, k_out, cos, sin, Hq, Hk, S, half, 0 if cos.shape[0] == 1 else S * D,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        INVERSE=inverse, BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HK=triton.next_power_of_2(Hk), BLOCK_D=block_d,
+        INVERSE=inverse, BLOCK_HQ=next_power_of_2(Hq), BLOCK_HK=next_power_of_2(Hk), BLOCK_D=block_d,
         num_warps=4 if Hq * half <= 4096 else 8)
     return q_out, k_out
 
