@@ -48,6 +48,10 @@ class _Op:
     impls: dict[str, Callable] = field(default_factory=dict)
     # backend -> function(device) returning None when usable, else the reason it is not
     checks: dict[str, Callable[[torch.device], str | None]] = field(default_factory=dict)
+    # (backend, CUDA device index) whose check passed: asked again on every call of the op otherwise (the compiled
+    # extension's kernel lookup, Triton's import check: microseconds, every norm, RoPE, attention and LoRA call).
+    # CUDA only: on the CPU, Triton's availability follows TRITON_INTERPRET, which may change while running.
+    usable_on_cuda: set = field(default_factory=set)
 
 
 # Exceptions that are control flow, not failures: non-reentrant activation checkpointing stops its recomputation
@@ -68,6 +72,7 @@ def register(op: str, backend: str, *, available: Callable[[torch.device], str |
         entry = _ops.setdefault(op, _Op(op))
         entry.impls[backend] = fn
         entry.checks[backend] = available or (lambda device: None)
+        entry.usable_on_cuda.clear()
         return fn
 
     return deco
@@ -84,7 +89,15 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     broken = _broken.get((op, backend, device.type))
     if broken is not None:
         return f"it failed earlier in this process: {broken}"
-    return entry.checks[backend](device)
+    if device.type != "cuda":
+        return entry.checks[backend](device)
+    key = (backend, device.index)
+    if key in entry.usable_on_cuda:
+        return None
+    reason = entry.checks[backend](device)
+    if reason is None:
+        entry.usable_on_cuda.add(key)
+    return reason
 
 
 @functools.lru_cache(maxsize=None)

@@ -106,3 +106,24 @@ def test_ops_under_non_reentrant_checkpoint_give_the_same_gradients():
     checkpointed = loss_of(torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False))
     (g_ckpt,) = torch.autograd.grad(checkpointed, x)
     torch.testing.assert_close(g_ckpt, g_plain)
+
+
+def test_a_passed_check_on_a_cuda_device_is_not_asked_again(monkeypatch):
+    """Availability is asked on every op call; on a CUDA device a check that passed is remembered (a failure after
+    it still counts: the broken list comes first). On the CPU every call asks (TRITON_INTERPRET can change)."""
+    monkeypatch.setattr(backends, "_ops", dict(backends._ops))
+    monkeypatch.setattr(backends, "_broken", {})
+    asked = []
+    backends.register(OP, "cuda", available=lambda device: asked.append(device) or None)(lambda x: x)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for _ in range(3):
+        assert backends.unavailable_reason(OP, "cuda", cuda) is None
+        assert backends.unavailable_reason(OP, "cuda", cpu) is None
+    assert asked == [cuda, cpu, cpu, cpu]
+    assert backends.unavailable_reason(OP, "cuda", torch.device("cuda", 1)) is None and len(asked) == 5
+    backends._broken[(OP, "cuda", "cuda")] = "RuntimeError: boom"
+    assert "failed earlier" in backends.unavailable_reason(OP, "cuda", cuda)
+    # registering again (a new implementation or check) forgets what passed
+    backends.register(OP, "cuda", available=lambda device: "not here")(lambda x: x)
+    backends._broken.clear()
+    assert backends.unavailable_reason(OP, "cuda", cuda) == "not here"
