@@ -155,9 +155,12 @@ def measure(op: str, provider: str, tokens: int, copy_gbs: float) -> dict:
         row["GB/s"] = nbytes / (row["ms"] * 1e-3) / 1e9
         row["of_copy_bw"] = row["GB/s"] / copy_gbs
         # the same with the launches queued ahead: the kernels' bandwidth, without the host's launch time
-        row.update(harness.device_time_ms(step, grad_to_none=leaves))
-        row["device_GB/s"] = nbytes / (row["device_ms"] * 1e-3) / 1e9
-        row["device_of_copy_bw"] = row["device_GB/s"] / copy_gbs
+        try:
+            row.update(harness.device_time_ms(step, grad_to_none=leaves))
+            row["device_GB/s"] = nbytes / (row["device_ms"] * 1e-3) / 1e9
+            row["device_of_copy_bw"] = row["device_GB/s"] / copy_gbs
+        except Exception as exc:  # the idle-start figures above still stand
+            row["device_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     except Exception as exc:  # one provider failing (or missing) must not hide the others

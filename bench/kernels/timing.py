@@ -250,9 +250,12 @@ def run(benchmark, step: Callable, ring: Ring, *, work: dict | None = None, devi
         step(*ring.next())
         host_ms = (time.perf_counter() - t0) * 1e3
         torch.cuda.synchronize()
-        info.update(harness.queued_device_ms(step, ring.next, min(rounds, DEVICE_ROUNDS), host_ms=host_ms,
-                                             mark=clock.mark, elapsed_ms=clock.elapsed_ms, sleep=harness.gpu_sleep,
-                                             sync=torch.cuda.synchronize))
+        try:
+            info.update(harness.queued_device_ms(step, ring.next, min(rounds, DEVICE_ROUNDS), host_ms=host_ms,
+                                                 mark=clock.mark, elapsed_ms=clock.elapsed_ms,
+                                                 sleep=harness.gpu_sleep, sync=torch.cuda.synchronize))
+        except Exception as exc:  # the idle-start figures stand; say why this one is missing
+            info["device_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for key, unit, scale in (("flop", "TFLOP/s", 1e12), ("bytes", "GB/s", 1e9)):
         for timed_key, prefix in (("ms", ""), ("device_ms", "device_")):
             if work and work.get(key) and timed_key in info:
