@@ -24,6 +24,8 @@ without repeating K/V).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -459,15 +461,24 @@ def kernel_config(kernel: str, head_dim: int, device: torch.device, element_size
     """BLOCK_M (queries), BLOCK_N (keys), num_warps, num_stages of ``kernel`` ("fwd", "dkdv" or "dq")."""
     if device.type != "cuda":
         return dict(_INTERPRETER[kernel])
-    from fastsft.backends import TABLE_PATH, card_name, load_table
+    from fastsft.backends import card_name
 
     card = card_name(device.index if device.index is not None else torch.cuda.current_device())
-    tuned = load_table(TABLE_PATH.with_name(TABLE_NAME)).get("cards", {}).get(card, {}).get(
-        table_key(kernel, head_dim, element_size, max_seqlen))
+    return dict(_cuda_config(kernel, _dim_class(head_dim), element_size, max_seqlen > LONG_SEQLEN, card))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_config(kernel: str, dim_class: int, element_size: int, long: bool, card: str) -> tuple:
+    """:func:`kernel_config`'s answer on a CUDA card, looked up once per case (it runs before every launch; the
+    table, read once per process, does not change under it)."""
+    from fastsft.backends import TABLE_PATH, load_table
+
+    key = table_key(kernel, dim_class, element_size, LONG_SEQLEN + 1 if long else 0)
+    tuned = load_table(TABLE_PATH.with_name(TABLE_NAME)).get("cards", {}).get(card, {}).get(key)
     if tuned is not None:
-        return dict(tuned)
+        return tuple(tuned.items())
     defaults = _FLOAT32 if element_size > 2 else _DEFAULTS
-    return dict(defaults[(kernel, _dim_class(head_dim))])
+    return tuple(defaults[(kernel, dim_class)].items())
 
 
 def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
