@@ -80,18 +80,28 @@ def gpu_sleep(ms: float) -> None:
 
 
 def queued_device_ms(step: Callable[..., object], args: Callable[[], tuple], rounds: int, *,
-                     host_ms: float, mark: Callable[[], object], elapsed_ms: Callable[[list], list[float]],
-                     sleep: Callable[[float], None], sync: Callable[[], None], tries: int = 3) -> dict:
+                     mark: Callable[[], object], elapsed_ms: Callable[[list], list[float]],
+                     sleep: Callable[[float], None], sync: Callable[[], None], host_ms: float | None = None,
+                     tries: int = 3) -> dict:
     """Device time of ``step(*args())`` when its launches are already queued: each round first puts a spinning
     kernel of about twice ``host_ms`` on the stream, so the host enqueues the whole step while the device waits,
     and the events around the step then time the kernels back to back (launch overhead and the host's Python are
-    what ``time_ms``-style timing from an idle device adds on top). A round whose enqueueing outlasted the wait is
-    not host-free: then the wait doubles and the rounds run again (``tries`` times); ``device_covered`` says
-    whether the last try's every round was covered. Returns ``device_ms`` (median), ``device_ms_p20``/``_p80``,
+    what ``time_ms``-style timing from an idle device adds on top). ``host_ms``, the host's time to enqueue one
+    step, is measured on one untimed step when not given. A round whose enqueueing outlasted the wait is not
+    host-free: then the wait doubles and the rounds run again (``tries`` times); ``device_covered`` says whether
+    the last try's every round was covered. Returns ``device_ms`` (median), ``device_ms_p20``/``_p80``,
     ``device_covered``, ``device_wait_ms``."""
     import statistics
     import time
 
+    from bench.kernels.timing import percentile
+
+    if host_ms is None:
+        sync()
+        t0 = time.perf_counter()
+        step(*args())  # the device still runs it when the host is done
+        host_ms = (time.perf_counter() - t0) * 1e3
+        sync()
     wait = max(0.1, 2 * host_ms)
     for _ in range(tries):
         pairs, hosts = [], []
@@ -108,27 +118,18 @@ def queued_device_ms(step: Callable[..., object], args: Callable[[], tuple], rou
         if covered:
             break
         wait = 2 * max(max(hosts), wait)
-    times = sorted(elapsed_ms(pairs))
-    pick = lambda q: times[min(len(times) - 1, int(round(q * (len(times) - 1))))]  # noqa: E731
-    return {"device_ms": statistics.median(times), "device_ms_p20": pick(0.2), "device_ms_p80": pick(0.8),
-            "device_covered": covered, "device_wait_ms": wait}
+    times = elapsed_ms(pairs)
+    return {"device_ms": statistics.median(times), "device_ms_p20": percentile(times, 0.2),
+            "device_ms_p80": percentile(times, 0.8), "device_covered": covered, "device_wait_ms": wait}
 
 
 def device_time_ms(fn: Callable[[], object], *, rounds: int = 30, grad_to_none=None) -> dict:
     """:func:`queued_device_ms` of ``fn`` on the current CUDA stream (gradients of ``grad_to_none`` cleared
     before each round, outside the timed region)."""
-    import time
-
     def args() -> tuple:
         for t in grad_to_none or ():
             t.grad = None
         return ()
-
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()  # the host's time to enqueue one call (the device still running it)
-    host_ms = (time.perf_counter() - t0) * 1e3
-    torch.cuda.synchronize()
 
     def mark():
         event = torch.cuda.Event(enable_timing=True)
@@ -139,8 +140,8 @@ def device_time_ms(fn: Callable[[], object], *, rounds: int = 30, grad_to_none=N
         torch.cuda.synchronize()
         return [a.elapsed_time(b) for a, b in pairs]
 
-    return queued_device_ms(lambda: fn(), args, rounds, host_ms=host_ms, mark=mark, elapsed_ms=elapsed,
-                            sleep=gpu_sleep, sync=torch.cuda.synchronize)
+    return queued_device_ms(lambda: fn(), args, rounds, mark=mark, elapsed_ms=elapsed, sleep=gpu_sleep,
+                            sync=torch.cuda.synchronize)
 
 
 def peak_extra_bytes(fn: Callable[[], object]) -> int:

@@ -169,3 +169,16 @@ def test_queued_device_time_waits_longer_until_the_host_keeps_ahead():
                                      elapsed_ms=lambda pairs: [(b - a) * 1e3 for a, b in pairs],
                                      sleep=lambda ms: None, sync=lambda: None, tries=1)
     assert never["device_covered"] is False  # 0.1 ms of wait never covers 2 ms of host time
+
+
+def test_queued_device_time_measures_the_host_time_when_not_given():
+    import time
+
+    from bench import harness
+
+    calls, waits = [], []
+    info = harness.queued_device_ms(lambda: (calls.append(1), time.sleep(0.001)), lambda: (), 2,
+                                    mark=time.perf_counter, elapsed_ms=lambda pairs: [(b - a) * 1e3 for a, b in pairs],
+                                    sleep=waits.append, sync=lambda: None)
+    assert len(calls) == 1 + len(waits)  # one untimed step first, for the host's time
+    assert waits[0] >= 2.0 and info["device_covered"]  # twice that time (>= 1 ms), enough for every round

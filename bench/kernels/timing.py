@@ -245,15 +245,10 @@ def run(benchmark, step: Callable, ring: Ring, *, work: dict | None = None, devi
         from bench import harness
 
         # the kernels alone: each round's launches queued behind a spinning kernel, so the host's time is hidden
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step(*ring.next())
-        host_ms = (time.perf_counter() - t0) * 1e3
-        torch.cuda.synchronize()
         try:
-            info.update(harness.queued_device_ms(step, ring.next, min(rounds, DEVICE_ROUNDS), host_ms=host_ms,
-                                                 mark=clock.mark, elapsed_ms=clock.elapsed_ms,
-                                                 sleep=harness.gpu_sleep, sync=torch.cuda.synchronize))
+            info.update(harness.queued_device_ms(step, ring.next, min(rounds, DEVICE_ROUNDS), mark=clock.mark,
+                                                 elapsed_ms=clock.elapsed_ms, sleep=harness.gpu_sleep,
+                                                 sync=torch.cuda.synchronize))
         except Exception as exc:  # the idle-start figures stand; say why this one is missing
             info["device_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     for key, unit, scale in (("flop", "TFLOP/s", 1e12), ("bytes", "GB/s", 1e9)):
