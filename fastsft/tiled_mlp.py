@@ -236,11 +236,17 @@ def _tiled_class(cls: type) -> type:
 
 # --- public API ----------------------------------------------------------------------------------------------------
 
+def _check_model(fn: str, model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: int = DEFAULT_TILE_TOKENS) -> str:
     """Compute every gated MLP of ``model`` (a transformers model, PEFT-wrapped or not) in tiles of ``tile_tokens``
     rows (tokens of all sequences of the call together); calls of at most ``tile_tokens`` rows run the MLP as before.
     The MLP's current forward is kept underneath (fastsft.patch may come before or after). Enabling again changes
     the tile size. Returns a one-line report."""
+    _check_model("enable_tiled_mlp", model)
     if isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int):
         raise TypeError(f"tile_tokens must be a positive int, got {tile_tokens!r}")
     if tile_tokens < 1:
@@ -258,12 +264,14 @@ def enable_tiled_mlp(model: torch.nn.Module, tile_tokens: int = DEFAULT_TILE_TOK
 
 def tiled_mlp_count(model: torch.nn.Module) -> int:
     """How many MLPs of ``model`` are tiled now."""
+    _check_model("tiled_mlp_count", model)
     return sum(getattr(type(m), _BASE_ATTR, None) is not None for m in model.modules())
 
 
 def disable_tiled_mlp(model: torch.nn.Module) -> int:
     """Put every tiled MLP of ``model`` back to its own class (its instance forward, if any, is as it is now).
     Returns how many MLPs were tiled."""
+    _check_model("disable_tiled_mlp", model)
     count = 0
     for module in model.modules():
         base = type(module).__dict__.get(_BASE_ATTR)

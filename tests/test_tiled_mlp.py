@@ -244,6 +244,9 @@ def test_argument_errors():
     assert not tiled_mlps(model)
     with pytest.raises(LookupError, match="no gated MLP modules"):
         enable_tiled_mlp(torch.nn.Linear(4, 4))
+    for fn in (enable_tiled_mlp, tiled_mlp.tiled_mlp_count, tiled_mlp.disable_tiled_mlp):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+            fn({"model": model})
 
 
 # --- GPU ------------------------------------------------------------------------------------------------------------
