@@ -546,6 +546,8 @@ def main(argv=None) -> None:
         wanted = (CONTEXT_MODES if a.max_context else ()) + (FIXED_MODES if a.fixed else ())
         a.fastsft_modes = ",".join(dict.fromkeys(wanted))
     variants(a)  # unknown providers or modes fail before any work
+    if a.step is not None and a.step < 1:
+        parser.error(f"--step must be a positive number of tokens, got {a.step}")
 
     from bench import harness
 

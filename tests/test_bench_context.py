@@ -284,3 +284,10 @@ def test_merge_writes_one_table_from_runs_on_another_machine(tmp_path):
         bench_context.main(["--merge", "--resume", str(first), str(other), "--out", str(tmp_path / "out")])
     with pytest.raises(SystemExit):
         bench_context.main(["--merge", "--out", str(tmp_path)])  # nothing to merge
+
+
+def test_a_step_that_is_not_positive_is_refused(capsys):
+    for bad in ("0", "-4096"):
+        with pytest.raises(SystemExit):
+            bench_context.main(["--max-context", "--model", "tiny", "--step", bad, "--cpu-fake-limit", "200"])
+        assert f"--step must be a positive number of tokens, got {bad}" in capsys.readouterr().err
