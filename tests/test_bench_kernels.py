@@ -149,6 +149,26 @@ def test_to_rows_takes_the_suite_environment():
     assert results["test_x"][1] == [{"provider": "a", "ms": 2.0}]  # no CUDA events: pytest-benchmark's median
 
 
+def test_collect_merges_module_files_and_fails_on_a_missing_one(tmp_path):
+    def suite_json(group, provider):
+        return {"machine_info": {"fastsft": {"card": "NVIDIA H200", "versions": {}, "commit": "abc"}},
+                "benchmarks": [{"group": group, "name": f"test_{group}[{provider}]", "params": {"provider": provider},
+                                "extra_info": {"ms": 1.0}, "stats": {"median": 0.001}}]}
+
+    (tmp_path / "a.json").write_text(json.dumps(suite_json("rope", "liger")))
+    (tmp_path / "b.json").write_text(json.dumps(suite_json("rms_norm", "fastsft-triton")))
+    (tmp_path / "partial.json").write_text('{"machine_info": ')  # a run killed while writing
+    out = tmp_path / "out"
+    assert collect.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.json")) == ["kernels_rms_norm.json", "kernels_rope.json"]
+    out2 = tmp_path / "out2"
+    assert collect.main([str(tmp_path / "a.json"), str(tmp_path / "missing.json"), str(tmp_path / "partial.json"),
+                         "--out", str(out2)]) == 1
+    assert [p.name for p in out2.glob("*.json")] == ["kernels_rope.json"]  # what was there is still written
+    with pytest.raises(SystemExit, match="rope"):
+        collect.main([str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(out2)])
+
+
 def test_queued_device_time_waits_longer_until_the_host_keeps_ahead():
     """The device waits (a spinning kernel) while the host enqueues the step; a round whose enqueueing took longer
     than the wait is not host-free, so the wait grows and the rounds run again."""

@@ -20,7 +20,7 @@ def test_preset_commands_parse(preset, part, tmp_path):
             a = bench_sft.build_parser().parse_args(argv[1:])  # exits (fails the test) on a bad flag
             assert a.out == tmp_path and a.model in bench_sft.MODELS
         elif argv[0] == "pytest":
-            assert (suite.Path(__file__).parents[1] / argv[1]).is_dir()
+            assert (suite.Path(__file__).parents[1] / argv[1]).exists()
         else:
             assert argv[0] == "bench.kernels.collect"
 
@@ -31,6 +31,22 @@ def test_full_preset_covers_the_matrix():
     big = [f for f in flags if "llama-8b" in f]
     assert any("--no-packing" in f for f in big) and any("--qlora" in f for f in big)
     assert any("8192" in f for f in big) and any("--packing" in f and not f & {"8192", "--qlora"} for f in big)
+
+
+def test_full_preset_runs_every_kernel_module_once_and_collects_each():
+    modules = sorted(p.stem.removeprefix("test_") for p in (suite.Path(__file__).parents[1] / "bench" / "kernels")
+                     .glob("test_*.py"))
+    ran, collected = [], []
+    for part in suite.PRESETS["full"].values():
+        for e in part:
+            if e.argv[0] == "pytest":
+                ran.append(suite.Path(e.argv[1]).stem.removeprefix("test_"))
+                assert "{out}/" + e.name + ".json" in e.argv  # its own JSON
+            elif e.argv[0] == "bench.kernels.collect":
+                collected += [a.split("/")[-1].removeprefix("kernels-").removesuffix(".json") for a in e.argv[1:]
+                              if a.endswith(".json")]
+                assert part.index(e) > max(part.index(x) for x in part if x.argv[0] == "pytest")
+    assert sorted(ran) == modules and sorted(collected) == modules
 
 
 def test_unknown_part_is_an_error():

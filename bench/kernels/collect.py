@@ -1,17 +1,20 @@
 """pytest-benchmark's JSON from the kernel suite into the result files of the other benchmarks.
 
     python -m pytest bench/kernels --benchmark-json OUT.json
-    python -m bench.kernels.collect OUT.json --out bench/results [--report]
+    python -m bench.kernels.collect OUT.json [MORE.json ...] --out bench/results [--report]
 
 Writes ``kernels_<op>.json`` (the run's card, versions and commit, and one row per test: its parameters, then
 ``ms`` with ``ms_p20``/``ms_p80`` from CUDA events, ``wall_ms``, TFLOP/s or GB/s, ``peak_extra_GiB``) and
-``kernels_<op>.md`` beside them, which ``python -m bench.report`` takes into the CSV and RESULTS.md.
+``kernels_<op>.md`` beside them, which ``python -m bench.report`` takes into the CSV and RESULTS.md. Several
+files (one per module, as the full preset writes them) are collected together; one that is missing or unreadable
+(its module ran out of time) is named on stderr and makes the exit status 1, after the others are written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from bench import harness
@@ -36,18 +39,30 @@ def write(results: dict[str, tuple[dict, list[dict]]], out_dir: Path) -> list[Pa
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", type=Path, help="the file of pytest --benchmark-json")
+    parser.add_argument("json", type=Path, nargs="+", help="the file(s) of pytest --benchmark-json")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--report", action="store_true", help="then regenerate the CSV, plots and RESULTS.md there")
     args = parser.parse_args(argv)
-    results = timing.to_rows(json.loads(args.json.read_text()))
+    results, missing = {}, []
+    for path in args.json:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:  # a module that ran out of time writes no (or a partial) file
+            missing.append(f"{path}: {type(exc).__name__}: {exc}")
+            continue
+        for group, (env, rows) in timing.to_rows(data).items():
+            if group in results:
+                raise SystemExit(f"{path}: group {group!r} is in an earlier file too")
+            results[group] = (env, rows)
     for path in write(results, args.out):
         print(f"wrote {path}")
+    for line in missing:
+        print(f"not collected: {line}", file=sys.stderr)
     if args.report:
         from bench import report
 
         report.report(args.out)
-    return 0
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":
