@@ -98,6 +98,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--checkpointing", action="store_true", help="non-reentrant gradient checkpointing")
     parser.add_argument("--no-patch", dest="patch", action="store_false", help="plain TRL, for comparison")
     parser.add_argument("--qlora", action="store_true", help="llama-1b base weights in NF4 (bitsandbytes; needs CUDA)")
+    parser.add_argument("--ddp-find-unused-parameters", choices=["true", "false"],
+                        help="set SFTConfig.ddp_find_unused_parameters (unset: fastsft chooses DDP's settings for "
+                             "LoRA-only training; set: transformers' settings, with this search choice)")
     parser.add_argument("--json", help="write the results here (rank 0)")
     a = parser.parse_args(argv)
     if not 1 <= a.warmup < a.steps:
@@ -140,7 +143,9 @@ def main(argv=None) -> dict:
                          gradient_checkpointing=a.checkpointing,
                          gradient_checkpointing_kwargs={"use_reentrant": False} if a.checkpointing else None,
                          include_num_input_tokens_seen="non_padding", average_tokens_across_devices=True,
-                         dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True)
+                         dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True,
+                         ddp_find_unused_parameters=None if a.ddp_find_unused_parameters is None
+                         else a.ddp_find_unused_parameters == "true")
         lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              peft_config=lora, callbacks=[clock], patch=a.patch)

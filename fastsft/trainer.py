@@ -101,6 +101,12 @@ def _trains_only_lora(model) -> bool:
     return bool(trainable) and all(".lora_A." in n or ".lora_B." in n for n in trainable)
 
 
+def _has_persistent_buffers(model) -> bool:
+    """Whether any module has a buffer that is part of its state (``register_buffer(..., persistent=True)``)."""
+    return any(buf is not None and name not in m._non_persistent_buffers_set
+               for m in model.modules() for name, buf in m._buffers.items())
+
+
 def _is_offload(gradient_checkpointing, gradient_checkpointing_kwargs, where: str) -> bool:
     """Whether ``gradient_checkpointing`` asks for offloaded checkpointing; any other string is an error, as is
     offloading with reentrant checkpointing."""
@@ -221,7 +227,12 @@ class SFTTrainer(trl.SFTTrainer):
         # transformers asks DDP to search for unused parameters after every forward unless the model is a plain
         # PreTrainedModel with checkpointing, so a PEFT model always pays that graph walk on the host. Every LoRA
         # adapter weight takes part in every forward, so when they are all that trains and the user set nothing,
-        # DDP is told so.
+        # DDP is told so, and two more per-step costs go: DDP copies each gradient into its all-reduce bucket (one
+        # copy launch per adapter matrix; `gradient_as_bucket_view` makes the gradients views of the buckets), and
+        # broadcasts the module buffers from rank 0 before every forward (a collective that makes the ranks wait
+        # for each other at each forward). The broadcast stays when the model has persistent buffers (running
+        # statistics and the like: state); the rotary tables of the supported families are not persistent, being
+        # computed from the config.
         args = super()._build_accelerator_args(**kwargs)
         if self.args.ddp_find_unused_parameters is None and _trains_only_lora(self.model):
             from accelerate.utils import DistributedDataParallelKwargs
@@ -229,6 +240,9 @@ class SFTTrainer(trl.SFTTrainer):
             for handler in args.get("kwargs_handlers", []):
                 if isinstance(handler, DistributedDataParallelKwargs):
                     handler.find_unused_parameters = False
+                    handler.gradient_as_bucket_view = True
+                    if self.args.ddp_broadcast_buffers is None and not _has_persistent_buffers(self.model):
+                        handler.broadcast_buffers = False
         return args
 
     @property
@@ -262,23 +276,73 @@ class SFTTrainer(trl.SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def _log_token_metrics(self, mode: str, inputs: dict, outputs) -> None:
-        """TRL's entropy, mean_token_accuracy and num_tokens bookkeeping, verbatim in effect."""
+        """TRL's entropy, mean_token_accuracy and num_tokens bookkeeping, with the same values. TRL gathers and reads
+        them (``.item()``) between each micro-batch's forward and backward: four host-device synchronizations and,
+        with several processes, four collectives that hold every rank at that point. In training, fastsft keeps the
+        micro-batch's sums on the device and reads them all at the next :meth:`log`, in one gather per quantity."""
+        if "attention_mask" in inputs:
+            local_tokens = inputs["attention_mask"].sum()
+        elif "position_ids" in inputs:
+            local_tokens = inputs["position_ids"].size(1)  # an int: a tensor made from it now would synchronize
+        elif mode == "train":
+            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        if mode == "train":
+            state = self.accelerator.gradient_state
+            # what gather_for_metrics would keep of the gathered ranks at this micro-batch (the end of the data)
+            keep = state.remainder if state.end_of_dataloader and state.remainder > 0 else None
+            self._pending_token_stats.append((outputs.label_mask.sum(), outputs.entropy.detach().sum(),
+                                              outputs.is_top1.sum(), local_tokens, keep))
+            return
+        self._resolve_token_stats()  # the eval entry reports the training tokens so far, as TRL's does
+        if not isinstance(local_tokens, torch.Tensor):
+            local_tokens = torch.tensor(local_tokens, device=inputs["position_ids"].device)
         num_valid = self.accelerator.gather_for_metrics(outputs.label_mask.sum()).sum()
         entropy_sum = self.accelerator.gather_for_metrics(outputs.entropy.detach().sum()).sum()
         num_correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
         self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
-        if mode == "train":
-            # Padding-free batches carry position_ids instead of an attention mask
-            if "attention_mask" in inputs:
-                num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            elif "position_ids" in inputs:
-                local_num_tokens = torch.tensor(inputs["position_ids"].size(1), device=inputs["position_ids"].device)
-                num_tokens_in_batch = self.accelerator.gather_for_metrics(local_num_tokens).sum().item()
-            else:
-                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
-            self._total_train_tokens += num_tokens_in_batch // self._tp_size
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    @property
+    def _pending_token_stats(self) -> list:
+        pending = self.__dict__.get("_fastsft_pending_token_stats")
+        if pending is None:
+            pending = self.__dict__["_fastsft_pending_token_stats"] = []
+        return pending
+
+    def _resolve_token_stats(self) -> None:
+        """The deferred training micro-batches' metrics into ``self._metrics["train"]``, as TRL computes them per
+        micro-batch: each quantity of all of them gathered at once, then per micro-batch the ranks' sum (cut as
+        ``gather_for_metrics`` cuts at the end of the data), the ratios in the device's arithmetic, the tokens."""
+        pending = self._pending_token_stats
+        if not pending:
+            return
+        device = pending[0][0].device
+        # gather_for_metrics' cut applies to a gather over several processes only (one process: nothing to cut)
+        keeps = [keep if self.accelerator.num_processes > 1 else None for *_, keep in pending]
+        sums = []
+        for i in range(4):  # valid labels, entropy sum, top-1 hits, input tokens: each [ranks, micro-batches]
+            local = torch.stack([torch.as_tensor(p[i], device=device) for p in pending])
+            per_rank = self.accelerator.gather(local).reshape(-1, len(pending))
+            if any(keeps):
+                sums.append(torch.stack([per_rank[:keep, j].sum() for j, keep in enumerate(keeps)]))
+            else:
+                sums.append(per_rank.sum(0))
+        valid, entropy, correct, tokens = sums
+        has = valid > 0
+        entropies = torch.where(has, entropy / valid, 0.0).tolist()
+        accuracies = torch.where(has, correct / valid, 0.0).tolist()
+        metrics = self._metrics["train"]
+        metrics["entropy"].extend(entropies)
+        metrics["mean_token_accuracy"].extend(accuracies)
+        for n in tokens.tolist():
+            self._total_train_tokens += n // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        pending.clear()
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        self._resolve_token_stats()
+        super().log(logs, *args, **kwargs)
 
 
 def _remove_trl_fused_head(causal_lm) -> None:

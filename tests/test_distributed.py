@@ -66,6 +66,8 @@ def _train_worker(out: str, batch: int, accumulation: int, fsdp: bool) -> None:
         state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     if trainer.accelerator.is_main_process:
         info |= {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                 "metrics": [{k: h[k] for k in ("entropy", "num_tokens")} for h in trainer.state.log_history
+                             if "loss" in h],
                  "wrapped": type(trainer.model_wrapped).__name__,
                  "patched": sorted(trainer.patch_report.patched)}
         Path(out, "info.json").write_text(json.dumps(info))
@@ -176,6 +178,10 @@ def _assert_same_training(run, reference):
     assert len(losses) == len(expected) == STEPS
     for step, (a, b) in enumerate(zip(losses, expected), start=1):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: loss {a} with {info['num_processes']} processes vs {b}"
+    # the token metrics (read at each log, gathered over the ranks): the whole global batch's, as one process logs
+    for step, (a, b) in enumerate(zip(info["metrics"], ref_info["metrics"]), start=1):
+        assert a["num_tokens"] == b["num_tokens"], f"step {step}: {a} vs {b}"
+        assert abs(a["entropy"] - b["entropy"]) <= 1e-5 * abs(b["entropy"]), f"step {step}: {a} vs {b}"
     final, ref_final, initial = adapter["final"], ref_adapter["final"], ref_adapter["initial"]
     assert final.keys() == ref_final.keys() and final
 

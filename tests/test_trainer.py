@@ -17,10 +17,10 @@ from helpers import SMALL_DEMO, assert_close
 
 def train(trainer_class, tmp_path, *, steps=20, batch_size=4, accumulation=1, model=None, dataset=None,
           lora=True, train=True, lora_init=True, **config):
-    config = {"learning_rate": 1e-3, "max_length": 128, **config}
+    config = {"learning_rate": 1e-3, "max_length": 128, "logging_steps": 1, **config}
     args = trl.SFTConfig(output_dir=str(tmp_path / trainer_class.__module__), max_steps=steps,
                          per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                         logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=True,
+                         save_strategy="no", report_to="none", seed=0, use_cpu=True,
                          disable_tqdm=True, **config)
     trainer = trainer_class(model=model if model is not None else demo_model(**SMALL_DEMO), args=args,
                             train_dataset=dataset if dataset is not None else demo_dataset(80),
@@ -92,6 +92,47 @@ def test_parity_with_trl_20_steps(tmp_path):
     assert step_logs(ours, "num_tokens") == step_logs(stock, "num_tokens")
     assert_adapters_close(adapter_weights(ours), adapter_weights(stock), initial)
     assert losses[-1] < losses[0]  # it trained
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "padding_free"])
+def test_token_metrics_read_at_each_log_equal_trls(tmp_path, packing, monkeypatch):
+    """In training, fastsft reads entropy, token accuracy and token counts at each log instead of between every
+    micro-batch's forward and backward (no .item() in its bookkeeping there); the logged values equal TRL's, with
+    several micro-batches per step and steps per log, and at the final log."""
+    config = dict(steps=7, batch_size=2, accumulation=2, logging_steps=3, **SGD_WEIGHTS)
+    if packing:
+        config.update(packing=True)
+    stock = train(trl.SFTTrainer, tmp_path, **config)
+    ours = train(fastsft.SFTTrainer, tmp_path, train=False, **config)
+    reads = []
+    real_item, real_bookkeeping = torch.Tensor.item, ours._log_token_metrics
+
+    real_bool = torch.Tensor.__bool__
+
+    def counting_bookkeeping(*args, **kwargs):
+        reads.append("call")
+        torch.Tensor.item = lambda t: reads.append("item") or real_item(t)
+        torch.Tensor.__bool__ = lambda t: reads.append("bool") or real_bool(t)
+        try:
+            return real_bookkeeping(*args, **kwargs)
+        finally:
+            torch.Tensor.item, torch.Tensor.__bool__ = real_item, real_bool
+
+    monkeypatch.setattr(ours, "_log_token_metrics", counting_bookkeeping)
+    ours.train()
+    # one entry per micro-batch (7 steps x 2, or fewer where the packed data ends an epoch early), no read in any
+    assert len(reads) >= 12 and set(reads) == {"call"} and ours._pending_token_stats == []
+
+    def logged(trainer):
+        return [{k: log[k] for k in ("entropy", "mean_token_accuracy", "num_tokens")}
+                for log in trainer.state.log_history if "entropy" in log]
+
+    ours_logs, stock_logs = logged(ours), logged(stock)
+    assert len(ours_logs) == len(stock_logs) == 3  # steps 3 and 6, and step 7 in the final log
+    for a, b in zip(ours_logs, stock_logs):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert a["entropy"] == pytest.approx(b["entropy"], rel=1e-4)
+        assert a["mean_token_accuracy"] == pytest.approx(b["mean_token_accuracy"], abs=2e-2)
 
 
 def test_gradient_accumulation_matches_larger_batch(tmp_path):
@@ -177,28 +218,40 @@ def test_unsupported_model_keeps_trls_head(tmp_path):
     assert torch.isfinite(torch.tensor(step_logs(trainer, "loss"))).all()
 
 
-def _find_unused(trainer) -> bool:
+def _ddp_kwargs(trainer):
     from accelerate.utils import DistributedDataParallelKwargs
 
     handlers = [h for h in trainer._build_accelerator_args()["kwargs_handlers"]
                 if isinstance(h, DistributedDataParallelKwargs)]
     assert len(handlers) == 1
-    return handlers[0].find_unused_parameters
+    return handlers[0]
 
 
-@pytest.mark.parametrize("case", ["lora", "user_set_true", "modules_to_save", "stock_trl"])
-def test_ddp_skips_the_unused_parameter_search_for_lora_only(tmp_path, case):
-    """DDP's per-step search for unused parameters is turned off when only LoRA adapters train and the user left
-    ddp_find_unused_parameters unset; an explicit setting, other trainable weights and stock TRL keep transformers'
-    choice (True for a PEFT model)."""
+@pytest.mark.parametrize("case", ["lora", "user_set_true", "user_set_false", "user_broadcast", "modules_to_save",
+                                  "persistent_buffer", "stock_trl"])
+def test_ddp_settings_for_lora_only_training(tmp_path, case):
+    """When only LoRA adapters train and the user left ddp_find_unused_parameters unset, DDP skips the per-step
+    search for unused parameters, keeps gradients in its buckets (no copy per adapter) and does not broadcast
+    buffers before each forward unless the model has persistent ones or the user set ddp_broadcast_buffers. An
+    explicit find_unused setting, other trainable weights and stock TRL keep transformers' settings."""
     lora = LoraConfig(r=8, target_modules="all-linear",
                       modules_to_save=["lm_head"] if case == "modules_to_save" else None)
+    find_unused = {"user_set_true": True, "user_set_false": False}.get(case)
     args = trl.SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_length=64,
-                         ddp_find_unused_parameters=True if case == "user_set_true" else None)
+                         ddp_find_unused_parameters=find_unused,
+                         ddp_broadcast_buffers=True if case == "user_broadcast" else None)
+    model = demo_model(**SMALL_DEMO)
+    if case == "persistent_buffer":
+        model.model.norm.register_buffer("running_stat", torch.zeros(1))
     trainer_class = trl.SFTTrainer if case == "stock_trl" else fastsft.SFTTrainer
-    trainer = trainer_class(model=demo_model(**SMALL_DEMO), args=args, train_dataset=demo_dataset(8),
+    trainer = trainer_class(model=model, args=args, train_dataset=demo_dataset(8),
                             processing_class=demo_tokenizer(), peft_config=lora)
-    assert _find_unused(trainer) is (case != "lora")
+    ddp = _ddp_kwargs(trainer)
+    ours = case in ("lora", "user_broadcast", "persistent_buffer")
+    assert ddp.find_unused_parameters is (case not in ("lora", "user_set_false", "user_broadcast",
+                                                       "persistent_buffer"))
+    assert ddp.gradient_as_bucket_view is ours
+    assert ddp.broadcast_buffers is (case != "lora")
 
 
 def test_floating_point_ops_counts_parameters_once_per_train_call(tmp_path, monkeypatch):
