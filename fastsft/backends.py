@@ -73,6 +73,7 @@ def register(op: str, backend: str, *, available: Callable[[torch.device], str |
         entry.impls[backend] = fn
         entry.checks[backend] = available or (lambda device: None)
         entry.usable_on_cuda.clear()
+        _auto_on_cuda.clear()
         return fn
 
     return deco
@@ -133,20 +134,38 @@ def auto_order(op: str, device: torch.device) -> list[str]:
     return [b for b in order if b in _ops[op].impls]
 
 
+@functools.lru_cache(maxsize=None)
+def _env_name(op: str) -> str:
+    return f"FASTSFT_BACKEND_{op.upper()}"
+
+
 def requested_backend(op: str, backend: str) -> str:
     """The backend asked for: an explicit argument wins over the env vars; 'auto' otherwise."""
     if backend != "auto":
         return backend
-    return (os.environ.get(f"FASTSFT_BACKEND_{op.upper()}") or os.environ.get("FASTSFT_BACKEND") or "auto").lower()
+    return (os.environ.get(_env_name(op)) or os.environ.get("FASTSFT_BACKEND") or "auto").lower()
+
+
+# auto's candidates per (op, CUDA device), with the number of broken backends they were made with: every norm,
+# RoPE, attention and LoRA call asks (~500 times per step at the 8B shape), and on a CUDA device the answer
+# changes only when a backend breaks or is registered. (On the CPU, Triton's availability follows
+# TRITON_INTERPRET, which may change while running: asked every time.)
+_auto_on_cuda: dict = {}
 
 
 def select(op: str, backend: str, device: torch.device) -> tuple[list[str], bool]:
     """Candidate backends in order and whether the choice was explicit (explicit: exactly one, no fallback)."""
     choice = requested_backend(op, backend)
     if choice == "auto":
+        key = (op, device) if device.type == "cuda" else None
+        hit = _auto_on_cuda.get(key) if key is not None else None
+        if hit is not None and hit[0] == len(_broken):
+            return hit[1], False
         candidates = [b for b in auto_order(op, device) if unavailable_reason(op, b, device) is None]
         if not candidates:
             raise BackendUnavailable(f"no backend of {op} can run on {device}")
+        if key is not None:
+            _auto_on_cuda[key] = (len(_broken), candidates)
         return candidates, False
     if choice not in BACKENDS:
         raise ValueError(f"unknown backend {choice!r} for {op}; expected 'auto' or one of {BACKENDS}")

@@ -127,3 +127,32 @@ def test_a_passed_check_on_a_cuda_device_is_not_asked_again(monkeypatch):
     backends.register(OP, "cuda", available=lambda device: "not here")(lambda x: x)
     backends._broken.clear()
     assert backends.unavailable_reason(OP, "cuda", cuda) == "not here"
+
+
+def test_auto_candidates_on_a_cuda_device_are_remembered_until_a_backend_breaks(monkeypatch):
+    """select() in auto mode runs on every op call; on a CUDA device its answer is kept until a backend is marked
+    broken or registered again. Forcing a backend through the environment still applies on every call."""
+    monkeypatch.setattr(backends, "_ops", dict(backends._ops))
+    monkeypatch.setattr(backends, "_broken", {})
+    monkeypatch.setattr(backends, "_auto_on_cuda", {})
+    orders = []
+    real_order = backends.auto_order
+    monkeypatch.setattr(backends, "auto_order", lambda op, device: orders.append(device) or real_order(op, device))
+    monkeypatch.setattr(backends, "card_name", lambda index: "Fake card")
+    backends.register(OP, "cuda")(lambda x: x)
+    backends.register(OP, "reference")(lambda x: x)
+    cuda = torch.device("cuda", 0)
+    for _ in range(3):
+        assert backends.select(OP, "auto", cuda) == (["cuda", "reference"], False)
+    assert len(orders) == 1
+    backends._broken[(OP, "cuda", "cuda")] = "RuntimeError: boom"
+    assert backends.select(OP, "auto", cuda) == (["reference"], False) and len(orders) == 2
+    monkeypatch.setenv(f"FASTSFT_BACKEND_{OP.upper()}", "reference")
+    assert backends.select(OP, "auto", cuda) == (["reference"], True)
+    monkeypatch.delenv(f"FASTSFT_BACKEND_{OP.upper()}")
+    backends._broken.clear()
+    backends.register(OP, "cuda")(lambda x: x)  # registering again forgets the candidates
+    assert backends.select(OP, "auto", cuda) == (["cuda", "reference"], False) and len(orders) == 3
+    for _ in range(2):  # the CPU asks every time
+        backends.select(OP, "auto", torch.device("cpu"))
+    assert len(orders) == 5

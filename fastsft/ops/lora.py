@@ -400,23 +400,23 @@ class StepCasts:
         self._copies, self._buffers = {}, {}
 
     def new_step(self, *_):
-        self._copies = {}
-        live = []
+        # Runs once per step over every adapter weight (448 at the 8B shape), on the host while the GPU waits:
+        # plain attribute reads, one multi-tensor copy, and the weights read as they are (no detach: no grad mode)
+        self._copies = copies = {}
+        srcs, bufs = [], []
         for key, (ref, buf) in list(self._buffers.items()):
             src = ref()
             if src is None or src.shape != buf.shape or src.device != buf.device:
                 del self._buffers[key]
             elif src.untyped_storage().nbytes() >= (src.storage_offset() + src.numel()) * src.element_size():
-                live.append((key, src, buf))
+                srcs.append(src)
+                bufs.append(buf)
+                copies[key] = (ref, src._version, src.data_ptr(), buf)
             # else: no memory behind the weight now (FSDP2 frees an unsharded parameter's storage between uses):
             # its copy is made again by get(), when the weight is there
-
-        if not live:
-            return
-        with torch.no_grad():
-            torch._foreach_copy_([buf for _, _, buf in live], [src.detach() for _, src, _ in live])
-        for key, src, buf in live:
-            self._copies[key] = (weakref.ref(src), src._version, src.data_ptr(), buf)
+        if srcs:
+            with torch.no_grad():
+                torch._foreach_copy_(bufs, srcs)
 
     def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         key = (id(t), dtype)

@@ -96,9 +96,17 @@ def _fast(fn, q, k, cos, sin, *, strided_ok):
     if q.dtype not in _KERNEL_DTYPES:
         raise backends.Unsupported(f"rope: the fast backends take {_KERNEL_DTYPES}, got {q.dtype}; "
                         "use backend='reference' for float64")
-    cos = cos.detach().to(q.dtype).contiguous()
-    sin = sin.detach().to(q.dtype).contiguous()
-    return _Rope.apply(q, k, cos, sin, fn, strided_ok)
+    return _Rope.apply(q, k, _table(cos, q.dtype), _table(sin, q.dtype), fn, strided_ok)
+
+
+def _table(t, dtype):
+    """cos or sin as the kernels take it: no autograd history, ``dtype``, contiguous. The model's tables usually are
+    all three already, and this runs for every attention layer's forward: only what is needed is called."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _prepare(t, strided_ok):
