@@ -63,16 +63,17 @@ PRESETS: dict[str, dict[int, list[Entry]]] = {
                   _sft("llama-8b", "--packing", batch=2, warmup=2, steps=6, timeout_s=220)]},
     # The fuller preset in three calls: every op at two shapes, and the 8B matrix (2048 and 8192 tokens, packing
     # on and off, LoRA and QLoRA) with the 1B shape beside it. The kernel modules are spread over the parts (the
-    # whole suite at two shapes needs more than one call: 55 of its 116 cases ran in 330 s on an H200). The SFT
-    # caps are about 1.1-1.2x their times measured there; the per-module caps are estimates from that run.
-    "full": {1: [*_kernel_modules({"attention": 200, "linear_cross_entropy": 150, "rope": 50}, collect_s=15),
+    # whole suite at two shapes does not fit one call). Caps: about 1.2x each entry's time in a run of the three
+    # parts side by side on a 4 x H200 machine (43728c3), where the linear cross-entropy module did 18 of its 24
+    # cases in 150 s; the parts' actual times there: 428 s (with that module cut short), 365 s and 429 s.
+    "full": {1: [*_kernel_modules({"attention": 130, "linear_cross_entropy": 240}, collect_s=15),
                  _sft("llama-1b", "--packing", batch=4, timeout_s=150)],
-             2: [_sft("llama-8b", "--packing", batch=2, timeout_s=220),
-                 _sft("llama-8b", "--no-packing", batch=2, timeout_s=190),
-                 *_kernel_modules({"gated_activation": 90, "rms_norm": 50}, collect_s=15)],
-             3: [_sft("llama-8b", "--packing", "--seq-len", "8192", batch=1, timeout_s=215),
-                 _sft("llama-8b", "--packing", "--qlora", batch=2, timeout_s=225),
-                 *_kernel_modules({"lora": 70, "nf4": 45}, collect_s=15)]},
+             2: [_sft("llama-8b", "--packing", batch=2, timeout_s=175),
+                 _sft("llama-8b", "--no-packing", batch=2, timeout_s=155),
+                 *_kernel_modules({"gated_activation": 70, "rms_norm": 55, "rope": 55}, collect_s=15)],
+             3: [_sft("llama-8b", "--packing", "--seq-len", "8192", batch=1, timeout_s=195),
+                 _sft("llama-8b", "--packing", "--qlora", batch=2, timeout_s=210),
+                 *_kernel_modules({"lora": 85, "nf4": 35}, collect_s=15)]},
 }
 
 
