@@ -134,6 +134,28 @@ def test_pytest_benchmark_json_to_rows_and_report(tmp_path):
     assert "kernels_toy" in csv and ",TFLOP/s," in csv and ",rounds," not in csv
 
 
+def test_a_module_stopped_at_its_cap_keeps_the_cases_it_measured(tmp_path):
+    """bench.suite stops an entry at its cap with SIGTERM; the kernel suite (its conftest installs
+    timing.stop_on_sigterm) then ends as interrupted and pytest-benchmark writes the cases measured so far."""
+    from bench import suite
+
+    (tmp_path / "conftest.py").write_text("from bench.kernels import timing\ntiming.stop_on_sigterm()\n")
+    (tmp_path / "test_capped.py").write_text(textwrap.dedent(SUITE) + textwrap.dedent("""
+        def test_slow():
+            import time
+            time.sleep(300)
+        """))
+    out = tmp_path / "capped.json"
+    entry = suite.Entry("capped", ("pytest", str(tmp_path / "test_capped.py"), "-q", "-p", "no:cacheprovider",
+                                   f"--benchmark-json={out}", f"--rootdir={tmp_path}"), timeout_s=45)
+    result = suite.run(entry, tmp_path)
+    assert result["rc"] == "timeout" and result["seconds"] < 45 + suite.STOP_GRACE_S
+    log = (tmp_path / "capped.log").read_text()
+    assert out.exists(), log[-2000:]
+    _, rows = timing.to_rows(json.loads(out.read_text()))["toy"]
+    assert len(rows) == 4  # the four toy cases ran before the slow one
+
+
 def test_to_rows_takes_the_suite_environment():
     data = {"machine_info": {"fastsft": {"card": "NVIDIA H200", "versions": {"torch": "2.11"}, "commit": "abc"}},
             "benchmarks": [{"group": "rms_norm", "name": "test_rms_norm[liger-16k]",

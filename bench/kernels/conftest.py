@@ -11,6 +11,12 @@ import torch
 HERE = Path(__file__).parent
 
 
+def pytest_configure(config):
+    from bench.kernels import timing
+
+    timing.stop_on_sigterm()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

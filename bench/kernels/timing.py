@@ -283,6 +283,18 @@ def measure_norm_rope_act(benchmark, op: str, provider: str, tokens: int, device
     return measure(benchmark, nra.provider_fn(op, provider), make, device, work=work)
 
 
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (a time cap: ``timeout``, ``bench.suite``) into KeyboardInterrupt, so that pytest ends the
+    session as interrupted and pytest-benchmark still writes the cases measured so far into ``--benchmark-json``
+    (killed outright, a module that ran out of time wrote nothing)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}: stopping, keeping the cases measured so far")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 # --- pytest-benchmark JSON -> result rows ------------------------------------------------------------------------
 
 MEASURED = ("ms", "ms_p20", "ms_p80", "wall_ms", "device_ms", "TFLOP/s", "GB/s", "device_TFLOP/s", "device_GB/s",
