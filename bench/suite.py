@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -95,20 +96,30 @@ def run(entry: Entry, out: Path) -> dict:
     with open(out / f"{entry.name}.log", "w") as log:
         log.write(" ".join(argv) + "\n")
         log.flush()
+        # its own process group: an entry's children (bench_sft's provider processes, compile workers) are stopped
+        # with it, not left running on the GPU beside the next entry
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **entry.env},
-                                cwd=Path(__file__).resolve().parents[1])
+                                cwd=Path(__file__).resolve().parents[1], start_new_session=True)
         try:
             rc = proc.wait(timeout=entry.timeout_s)
         except subprocess.TimeoutExpired:
             # SIGTERM first: the kernel suite then writes the cases it measured (see timing.stop_on_sigterm)
-            proc.terminate()
+            _signal_group(proc, signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                pass
+            _signal_group(proc, signal.SIGKILL)  # whatever of the group is still there
+            proc.wait()
             rc = "timeout"
     return {"entry": entry.name, "rc": rc, "seconds": round(time.time() - start, 1), "timeout_s": entry.timeout_s}
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the whole group has exited
+        pass
 
 
 def main(argv=None) -> int:

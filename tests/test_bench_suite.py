@@ -63,6 +63,29 @@ def test_run_logs_and_enforces_the_cap(tmp_path):
     assert bad["rc"] not in (0, "timeout")
 
 
+def test_a_capped_entry_is_stopped_with_its_children(tmp_path):
+    """An entry's child processes (bench_sft runs each provider in one) stop with it at its cap."""
+    (tmp_path / "spawner.py").write_text(
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n")
+    entry = suite.Entry("spawner", ("spawner",), 5, env={"PYTHONPATH": str(tmp_path)})
+    assert suite.run(entry, tmp_path)["rc"] == "timeout"
+    pid = int((tmp_path / "child.pid").read_text())
+    import os
+    import time
+
+    for _ in range(50):  # reaped by init once killed; give it a moment
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the entry's child {pid} is still running after the entry was stopped")
+
+
 def test_main_records_each_entry_and_fails_on_a_failure(tmp_path, monkeypatch):
     monkeypatch.setitem(suite.PRESETS, "probe", {1: [suite.Entry("good", ("json.tool", "--help"), 60),
                                                      suite.Entry("broken", ("json.tool", "/nonexistent"), 60)]})
