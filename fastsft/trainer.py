@@ -322,7 +322,11 @@ class SFTTrainer(trl.SFTTrainer):
         keeps = [keep if self.accelerator.num_processes > 1 else None for *_, keep in pending]
         sums = []
         for i in range(4):  # valid labels, entropy sum, top-1 hits, input tokens: each [ranks, micro-batches]
-            local = torch.stack([torch.as_tensor(p[i], device=device) for p in pending])
+            values = [p[i] for p in pending]
+            if all(isinstance(v, int) for v in values):  # padding-free token counts: one copy to the device
+                local = torch.tensor(values, device=device)
+            else:
+                local = torch.stack([torch.as_tensor(v, device=device) for v in values])
             per_rank = self.accelerator.gather(local).reshape(-1, len(pending))
             if any(keeps):
                 sums.append(torch.stack([per_rank[:keep, j].sum() for j, keep in enumerate(keeps)]))
