@@ -8,6 +8,8 @@ Each entry runs as its own process with a time cap (then SIGTERM, and after a gr
 kernel suite writes the cases it measured when stopped); its log goes to ``OUT/<entry>.log`` and its results (JSON +
 Markdown, the format of ``bench.harness``) into OUT. ``OUT/suite_<preset>[_<part>].json`` records every entry's
 exit status and duration, and at the end ``bench.report`` turns OUT into ``all_rows.csv``, plots and RESULTS.md.
+``--time-limit S`` fits the run into S seconds (what a GPU call has left after the install): caps are cut to the
+time left, so an overrunning part loses its last entries' tails, not the call's results.
 Copy the result files into ``bench/results/`` (and rerun ``python -m bench.report``) to commit them.
 """
 
@@ -20,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -67,20 +69,23 @@ PRESETS: dict[str, dict[int, list[Entry]]] = {
     # on and off, LoRA and QLoRA) with the 1B shape beside it. The kernel modules are spread over the parts (the
     # whole suite at two shapes does not fit one call). Caps: about 1.2x each entry's time in a run of the three
     # parts side by side on a 4 x H200 machine (43728c3); the linear cross-entropy module, cut short there (18 of
-    # 24 cases in 150 s) and again on a 2 x H200 machine (21 in 240 s), gets 290 s and a part to itself.
-    "full": {1: [*_kernel_modules({"attention": 120, "linear_cross_entropy": 290, "gated_activation": 70,
-                                   "rope": 55}, collect_s=15)],
+    # 24 cases in 150 s) and again on a 2 x H200 machine (21 in 240 s), gets 290 s. Each part's entries take about
+    # 410-460 s there, so the three parts also fit three calls on one GPU, one after another.
+    "full": {1: [*_kernel_modules({"attention": 120, "linear_cross_entropy": 290, "rope": 55, "rms_norm": 55},
+                                  collect_s=15)],
              2: [_sft("llama-8b", "--packing", batch=2, timeout_s=175),
                  _sft("llama-8b", "--no-packing", batch=2, timeout_s=155),
                  _sft("llama-1b", "--packing", batch=4, timeout_s=140),
-                 *_kernel_modules({"rms_norm": 55}, collect_s=15)],
+                 *_kernel_modules({"nf4": 35}, collect_s=15)],
              3: [_sft("llama-8b", "--packing", "--seq-len", "8192", batch=1, timeout_s=195),
-                 _sft("llama-8b", "--packing", "--qlora", batch=2, timeout_s=210),
-                 *_kernel_modules({"lora": 85, "nf4": 35}, collect_s=15)]},
+                 _sft("llama-8b", "--packing", "--qlora", batch=2, timeout_s=205),
+                 *_kernel_modules({"lora": 85, "gated_activation": 70}, collect_s=15)]},
 }
 
 
 STOP_GRACE_S = 15  # after its cap, the time an entry has to write what it measured before it is killed
+REPORT_S = 20  # kept back under --time-limit for bench.report at the end
+MIN_ENTRY_S = 10  # under --time-limit, an entry with less time than this left is not started
 
 
 def entries(preset: str, part: int) -> list[Entry]:
@@ -115,6 +120,21 @@ def run(entry: Entry, out: Path) -> dict:
     return {"entry": entry.name, "rc": rc, "seconds": round(time.time() - start, 1), "timeout_s": entry.timeout_s}
 
 
+def _is_collect(entry: Entry) -> bool:
+    return entry.argv[0] == "bench.kernels.collect"
+
+
+def fit_to_deadline(entry: Entry, later: list[Entry], seconds_left: float) -> Entry | None:
+    """``entry`` with its cap cut to the time left before a deadline (keeping back the caps of the collect entries
+    still to come, the report's time and the grace after a cap), or None when too little is left to start it."""
+    reserve = REPORT_S + (0 if _is_collect(entry) else STOP_GRACE_S + sum(e.timeout_s for e in later
+                                                                           if _is_collect(e)))
+    cap = int(min(entry.timeout_s, seconds_left - reserve))
+    if cap < MIN_ENTRY_S:
+        return None
+    return entry if cap == entry.timeout_s else replace(entry, timeout_s=cap)
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
@@ -128,6 +148,10 @@ def main(argv=None) -> int:
     parser.add_argument("--part", type=int, default=1, help="which call of a preset in several calls")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--list", action="store_true", help="print what the presets run and exit")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="S",
+                        help="seconds this run may take in all (a GPU call's limit, less what ran before it): each "
+                             "entry's cap is cut to what is left, and an entry with too little left is not started "
+                             "(recorded as 'not run')")
     a = parser.parse_args(argv)
     if a.list:
         for preset, parts in PRESETS.items():
@@ -142,7 +166,16 @@ def main(argv=None) -> int:
     todo = entries(a.preset, a.part)
     results = []
     suffix = f"_{a.part}" if len(PRESETS[a.preset]) > 1 else ""
+    deadline = time.monotonic() + a.time_limit if a.time_limit is not None else None
     for i, entry in enumerate(todo, 1):
+        if deadline is not None:
+            fitted = fit_to_deadline(entry, todo[i:], deadline - time.monotonic())
+            if fitted is None:
+                print(f"[{i}/{len(todo)}] {entry.name}: not run, the time limit is too near", flush=True)
+                results.append({"entry": entry.name, "rc": "not run", "seconds": 0, "timeout_s": entry.timeout_s})
+                (a.out / f"suite_{a.preset}{suffix}.json").write_text(json.dumps(results, indent=1))
+                continue
+            entry = fitted
         print(f"[{i}/{len(todo)}] {entry.name} (at most {entry.timeout_s} s)", flush=True)
         results.append(run(entry, a.out))
         print(f"    rc={results[-1]['rc']} {results[-1]['seconds']} s", flush=True)

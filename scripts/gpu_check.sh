@@ -7,7 +7,7 @@
 #             tune-attention (before bench-attention: measures and stores the attention kernels' launch
 #             configurations), bench-offload, bench-kernels (the pytest-benchmark suite), bench-sft-1b
 #             bench-sft-8b, bench-suite (python -m bench.suite: FASTSFT_SUITE_PRESET quick | full with
-#             FASTSFT_SUITE_PART 1-3; results in OUTDIR/suite)
+#             FASTSFT_SUITE_PART 1-3, FASTSFT_SUITE_TIME_LIMIT seconds; results in OUTDIR/suite)
 # FASTSFT_TESTS picks test files and FASTSFT_TEST_MARK their marker expression (default: all tests);
 # FASTSFT_BENCH_QUICK=1 the quick benchmark presets; FASTSFT_STAGE_TIMEOUT caps
 # each stage (seconds, default 540).
@@ -67,7 +67,8 @@ for s in $stages; do
              --benchmark-json "$out/kernels.json" --benchmark-columns=median,rounds
              python3 -m bench.kernels.collect "$out/kernels.json" --out "$out" >> "$out/bench-kernels.log" 2>&1 ;;
     bench-suite) stage bench-suite python3 -m bench.suite --preset "${FASTSFT_SUITE_PRESET:-quick}" \
-             --part "${FASTSFT_SUITE_PART:-1}" --out "$out/suite" ;;
+             --part "${FASTSFT_SUITE_PART:-1}" --out "$out/suite" \
+             ${FASTSFT_SUITE_TIME_LIMIT:+--time-limit "$FASTSFT_SUITE_TIME_LIMIT"} ;;
     demo) stage demo python3 -m fastsft demo --json "$out/demo.json" ;;
     bench-sft-1b) stage bench-sft-1b python3 -m bench.bench_sft --model llama-1b --packing --batch 4 --out "$out" ;;
     bench-sft-8b) stage bench-sft-8b python3 -m bench.bench_sft --model llama-8b --packing --batch 2 --out "$out" ;;

@@ -94,3 +94,31 @@ def test_main_records_each_entry_and_fails_on_a_failure(tmp_path, monkeypatch):
     assert [r["entry"] for r in record] == ["good", "broken"] and record[0]["rc"] == 0 and record[1]["rc"] != 0
     assert (tmp_path / "RESULTS.md").exists()
     assert sys.executable
+
+
+def test_fit_to_deadline_cuts_caps_and_keeps_the_collect_time():
+    measure = suite.Entry("m", ("pytest", "x"), 300)
+    collect = suite.Entry("kernels-collect", ("bench.kernels.collect", "a.json"), 15)
+    assert suite.fit_to_deadline(measure, [collect], 1000) is measure
+    reserve = suite.REPORT_S + suite.STOP_GRACE_S + 15
+    assert suite.fit_to_deadline(measure, [collect], 200).timeout_s == 200 - reserve
+    assert suite.fit_to_deadline(measure, [collect], reserve + suite.MIN_ENTRY_S - 1) is None
+    # the collect itself keeps back only the report's time
+    assert suite.fit_to_deadline(collect, [], suite.REPORT_S + 15) is collect
+
+
+def test_time_limit_cuts_an_overrunning_part(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "STOP_GRACE_S", 1)
+    monkeypatch.setattr(suite, "REPORT_S", 0)
+    monkeypatch.setattr(suite, "MIN_ENTRY_S", 2)
+    monkeypatch.setitem(suite.PRESETS, "probe", {1: [
+        suite.Entry("slow", ("timeit", "-n", "1", "import time; time.sleep(30)"), 60),
+        suite.Entry("after", ("json.tool", "--help"), 60)]})
+    import time
+
+    start = time.monotonic()
+    assert suite.main(["--preset", "probe", "--out", str(tmp_path), "--time-limit", "5"]) == 1
+    assert time.monotonic() - start < 20
+    slow, after = json.loads((tmp_path / "suite_probe.json").read_text())
+    assert slow["rc"] == "timeout" and slow["timeout_s"] <= 4
+    assert after["rc"] == "not run"
