@@ -32,6 +32,7 @@ import json
 import math
 import os
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -180,10 +181,11 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    (s0, t0, n0), (s1, t1, n1) = clock.marks[a.warmup - 1], clock.marks[-1]
+    timed = clock.marks[a.warmup - 1:]
+    (s0, t0, n0), (s1, t1, n1) = timed[0], timed[-1]
     result = {"provider": provider, "model": a.model, "packing": a.packing, "qlora": a.qlora, "batch": a.batch,
               "max_length": a.max_length, "checkpointing": a.checkpointing, "steps_timed": s1 - s0,
-              "tokens_per_s": (n1 - n0) / (t1 - t0), "first_losses": losses[:5]}
+              "tokens_per_s": (n1 - n0) / (t1 - t0), "first_losses": losses[:5], **step_times(timed)}
     if torch.cuda.is_available():
         result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     if provider == "fastsft":
@@ -195,6 +197,17 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
         if unavailable:
             result["fallbacks"]["triton unavailable"] = ", ".join(unavailable)
     return result
+
+
+def step_times(marks: list[tuple[int, float, int]]) -> dict:
+    """Each timed step's milliseconds and its tokens/s, from consecutive (step, seconds, tokens seen) marks: the
+    overall tokens/s hides whether a run was steady or had one slow step (a stall, a new shape to tune for)."""
+    ms = [(b[1] - a[1]) * 1e3 for a, b in zip(marks, marks[1:])]
+    rates = [(b[2] - a[2]) / (b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+    if not ms:
+        return {}
+    return {"step_ms": [round(m, 2) for m in ms], "step_ms_median": statistics.median(ms), "step_ms_max": max(ms),
+            "median_step_tokens_per_s": statistics.median(rates)}
 
 
 def rows_per_sequence(a: argparse.Namespace) -> int:
@@ -296,8 +309,9 @@ def main(argv=None) -> None:
     name = a.name or (f"sft_{a.model}{'_packing' if a.packing else ''}{'_qlora' if a.qlora else ''}"
                       f"{'' if a.max_length == 2048 else f'_{a.max_length}'}")
     harness.write(rows, a.out, name,
-                  ["provider", "model", "packing", "qlora", "batch", "max_length", "tokens_per_s", "mfu", "hfu",
-                   "peak_GiB", "first_losses", "wall_s", "error"],
+                  ["provider", "model", "packing", "qlora", "batch", "max_length", "tokens_per_s",
+                   "median_step_tokens_per_s", "step_ms_median", "step_ms_max", "mfu", "hfu", "peak_GiB",
+                   "first_losses", "wall_s", "error"],
                   f"SFT end to end: {a.model}{', QLoRA' if a.qlora else ''}, "
                   f"{'packing' if a.packing else 'no packing'}, batch {a.batch}, max_length {a.max_length}, LoRA r=16, "
                   f"checkpointing {a.checkpointing}",

@@ -32,6 +32,16 @@ def test_utilization():
     assert "mfu" not in bench_sft.utilization({"error": "x"}, flop, 800.0)
 
 
+def test_step_times_show_a_slow_step():
+    # (step, seconds, tokens seen): steps of 0.1 s at 1,000 tokens, one of 0.5 s
+    marks = [(2, 1.0, 0), (3, 1.1, 1000), (4, 1.6, 2000), (5, 1.7, 3000)]
+    out = bench_sft.step_times(marks)
+    assert out["step_ms"] == pytest.approx([100, 500, 100])
+    assert out["step_ms_median"] == pytest.approx(100) and out["step_ms_max"] == pytest.approx(500)
+    assert out["median_step_tokens_per_s"] == pytest.approx(10_000)  # the overall rate is 3000 / 0.7 s
+    assert bench_sft.step_times(marks[:1]) == {}
+
+
 @pytest.mark.slow
 def test_tiny_run_on_the_cpu(tmp_path):
     bench_sft.main(["--model", "tiny", "--providers", "fastsft", "--warmup", "1", "--steps", "1", "--batch", "2",
@@ -40,5 +50,6 @@ def test_tiny_run_on_the_cpu(tmp_path):
     (row,) = data["rows"]
     assert "error" not in row, row
     assert row["tokens_per_s"] > 0 and row["max_length"] == 512 and row["qlora"] is False
+    assert len(row["step_ms"]) == 1 and row["median_step_tokens_per_s"] > 0
     assert row["gflop_per_token"] > 0 and "mfu" not in row  # no matmul rate without a GPU
     assert data["gflop_per_token"] == row["gflop_per_token"]
