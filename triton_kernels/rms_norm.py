@@ -38,7 +38,9 @@ def _rms_norm_forward_kernel(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, H, e
     tl.store(y_ptr + base + cols, (xf * rstd * (w + offset)).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# rows (the batch's token count) and rows_per_program change per batch: not specialized, so one compiled
+# variant serves every batch (see flash_attention.PER_BATCH_ARGS)
+@triton.jit(do_not_specialize=["rows", "rows_per_program"])
 def _rms_norm_backward_kernel(gy_ptr, gs_ptr, s_ptr, w_ptr, rstd_ptr, dx_ptr, partial_ptr, rows, H,
                               rows_per_program, offset,
                               HAS_GS: tl.constexpr, DW: tl.constexpr, BLOCK: tl.constexpr):

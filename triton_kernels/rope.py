@@ -42,7 +42,9 @@ def _rotate_heads(x_ptr, o_ptr, c1, c2, s1, s2, b, s, H, stride_b, stride_h, str
     tl.store(dst + half, o2.to(o_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# S (the batch's sequence length) changes per batch: not specialized, so one compiled variant serves every batch
+# (see flash_attention.PER_BATCH_ARGS)
+@triton.jit(do_not_specialize=["S"])
 def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, Hq, Hk, S, half, cos_stride_b,
                  q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, qo_sb, qo_sh, qo_ss, ko_sb, ko_sh, ko_ss,
                  INVERSE: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
