@@ -20,13 +20,16 @@ from pathlib import Path
 CONFIG_KEYS = {"tokens", "chunk", "head_dim", "hq", "hkv", "num_seqs", "batch", "max_length", "steps_timed", "rank",
                "hidden", "intermediate", "rows", "cols", "seq"}
 # Measured fields and whether larger is better.
-HIGHER_IS_BETTER = {"tokens_per_s", "TFLOP/s", "GB/s", "device_TFLOP/s", "device_GB/s", "of_copy_bw",
+HIGHER_IS_BETTER = {"tokens_per_s", "median_step_tokens_per_s", "TFLOP/s", "GB/s", "device_TFLOP/s", "device_GB/s", "of_copy_bw",
                     "device_of_copy_bw", "fwd_tflops", "fwd_bwd_tflops", "gbps", "bandwidth_frac", "mfu",
                     "hfu"}
 LOWER_IS_BETTER_HINTS = ("ms", "GiB", "bytes", "vs_floor", "_s")
 # Spreads, the card's reference rates, bookkeeping of the kernel suite (rounds, ring) and the model's FLOP count.
 SKIP_METRICS = {"ms_p20", "ms_p80", "matmul_tflops", "floor_ms", "wall_s", "copy_GBps", "rounds", "ring",
                 "gflop_per_token", "hardware_gflop_per_token"}
+# Measured values that are not one number (each step's time, the first losses, fallbacks): not part of a row's
+# configuration, so two runs of one configuration match in --compare.
+MEASURED_OTHER = {"step_ms", "first_losses", "fallbacks", "error"}
 HEADLINE = {"file": "sft_llama-8b_packing.json", "provider": "fastsft", "tokens_per_s": 11_000, "peak_GiB": 16.0}
 
 
@@ -52,7 +55,7 @@ def split(row: dict) -> tuple[dict, dict]:
 
 
 def _label(config: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in config.items() if k not in ("provider", "error", "first_losses"))
+    return ", ".join(f"{k}={v}" for k, v in config.items() if k != "provider" and k not in MEASURED_OTHER)
 
 
 def write_csv(results: dict[str, tuple[dict, list[dict]]], path: Path) -> int:
@@ -178,7 +181,7 @@ def _worse(metric: str, old: float, new: float, threshold: float) -> bool:
     change = (new - old) / abs(old)
     if metric in HIGHER_IS_BETTER:
         return change < -threshold
-    if metric.endswith(LOWER_IS_BETTER_HINTS) or metric in ("ms", "fwd_ms", "fwd_bwd_ms"):
+    if metric.endswith(LOWER_IS_BETTER_HINTS) or metric in ("step_ms_median", "step_ms_max"):
         return change > threshold
     return False
 
@@ -193,7 +196,7 @@ def compare(old_path: Path, new_path: Path, threshold: float) -> list[str]:
 
     def key(row):
         config, _ = split(row)
-        return json.dumps({k: v for k, v in config.items() if k != "error"}, sort_keys=True, default=str)
+        return json.dumps({k: v for k, v in config.items() if k not in MEASURED_OTHER}, sort_keys=True, default=str)
 
     old = {key(r): r for r in old_rows}
     found = []

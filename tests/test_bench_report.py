@@ -45,3 +45,15 @@ def test_compare_flags_only_regressions(tmp_path):
     assert any("tokens_per_s" in line for line in found)
     assert report.main(["--compare", str(old), str(new)]) == 1
     assert report.main(["--compare", str(old), str(old)]) == 0
+
+
+def test_compare_matches_sft_rows_and_reads_the_median_step_rate_as_higher_is_better(tmp_path):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    row = {"provider": "fastsft", "model": "1b"}
+    # the per-step list and the first losses differ between any two runs: still the same configuration
+    write_run(old, [row | {"median_step_tokens_per_s": 1000.0, "step_ms_max": 100.0, "step_ms": [100.0, 90.0],
+                           "first_losses": [2.5]}])
+    write_run(new, [row | {"median_step_tokens_per_s": 1500.0, "step_ms_max": 900.0, "step_ms": [900.0, 60.0],
+                           "first_losses": [2.50001]}])
+    found = report.compare(old, new, threshold=0.05)
+    assert len(found) == 1 and "step_ms_max" in found[0]  # the faster median step is no regression
