@@ -53,3 +53,14 @@ def test_tiny_run_on_the_cpu(tmp_path):
     assert len(row["step_ms"]) == 1 and row["median_step_tokens_per_s"] > 0
     assert row["gflop_per_token"] > 0 and "mfu" not in row  # no matmul rate without a GPU
     assert data["gflop_per_token"] == row["gflop_per_token"]
+
+
+def test_e2e_is_the_sft_bench_under_its_short_name():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-m", "bench.e2e", "--help"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "--model" in out.stdout and "stock TRL, TRL with Liger, and fastsft" in out.stdout
