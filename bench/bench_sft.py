@@ -272,18 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default=None,
                         help="result file name (default: sft_<model>[_packing][_qlora][_<seq len>])")
+    parser.add_argument("--compare", type=Path, metavar="OLD.json",
+                        help="after the run, flag every metric worse than in OLD.json (an earlier result of the same "
+                             "command) by more than --threshold, and exit 1 if any is")
+    parser.add_argument("--threshold", type=float, default=0.05, help="relative change --compare flags (default 5%%)")
     parser.add_argument("--single", choices=PROVIDERS, help=argparse.SUPPRESS)  # child process mode
     parser.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)  # --qlora: the saved random model
     return parser
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     if a.single:
         a.result_json.write_text(json.dumps(run_one(a.single, a)))
-        return
+        return 0
     if a.max_length > 8192:
         parser.error("--seq-len: the models have 8192 positions")
 
@@ -320,6 +324,11 @@ def main(argv=None) -> None:
                          "attention_pairs_per_token": flop["attention_pairs_per_token"],
                          "flop_convention": "mfu: model FLOPs (frozen base: fwd + input grads, LoRA fwd + grads, "
                                             "attention in-example pairs); hfu: plus checkpointing's recomputation"})
+    if a.compare is not None:
+        from bench import report
+
+        return 1 if report.print_regressions(a.compare, a.out / f"{name}.json", a.threshold) else 0
+    return 0
 
 
 def run_child(provider: str, argv, extra_args: list[str]) -> dict:
@@ -341,4 +350,4 @@ def run_child(provider: str, argv, extra_args: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

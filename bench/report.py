@@ -213,6 +213,15 @@ def compare(old_path: Path, new_path: Path, threshold: float) -> list[str]:
     return found
 
 
+def print_regressions(old_path: Path, new_path: Path, threshold: float) -> int:
+    """:func:`compare`'s lines printed, one ``REGRESSION`` line each, then a count; returns the count."""
+    regressions = compare(old_path, new_path, threshold)
+    for line in regressions:
+        print("REGRESSION", line)
+    print(f"{new_path.name} against {old_path}: {len(regressions)} regression(s) beyond {threshold:.0%}")
+    return len(regressions)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
@@ -220,11 +229,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threshold", type=float, default=0.05, help="relative change that counts (default 5%%)")
     args = parser.parse_args(argv)
     if args.compare:
-        regressions = compare(*args.compare, args.threshold)
-        for line in regressions:
-            print("REGRESSION", line)
-        print(f"{len(regressions)} regression(s) beyond {args.threshold:.0%}")
-        return 1 if regressions else 0
+        return 1 if print_regressions(*args.compare, args.threshold) else 0
     report(args.results)
     return 0
 

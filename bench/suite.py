@@ -152,6 +152,10 @@ def main(argv=None) -> int:
                         help="seconds this run may take in all (a GPU call's limit, less what ran before it): each "
                              "entry's cap is cut to what is left, and an entry with too little left is not started "
                              "(recorded as 'not run')")
+    parser.add_argument("--compare", type=Path, metavar="DIR",
+                        help="after the run, compare each result file with the one of the same name in DIR (say "
+                             "bench/results) and exit 1 on any metric worse by more than --threshold")
+    parser.add_argument("--threshold", type=float, default=0.05, help="relative change --compare flags (default 5%%)")
     a = parser.parse_args(argv)
     if a.list:
         for preset, parts in PRESETS.items():
@@ -185,7 +189,20 @@ def main(argv=None) -> int:
     failed = [r["entry"] for r in results if r["rc"] != 0]
     if failed:
         print("failed: " + ", ".join(failed), file=sys.stderr)
-    return 1 if failed or report.returncode else 0
+    regressions = compare_with(a.compare, a.out, a.threshold) if a.compare is not None else 0
+    return 1 if failed or report.returncode or regressions else 0
+
+
+def compare_with(old_dir: Path, out: Path, threshold: float) -> int:
+    """Regressions of every result file in ``out`` against its namesake in ``old_dir`` (printed); their count."""
+    from bench import report
+
+    total = 0
+    for new in sorted(out.glob("*.json")):
+        old = old_dir / new.name
+        if old.exists() and report.load(new) is not None and report.load(old) is not None:
+            total += report.print_regressions(old, new, threshold)
+    return total
 
 
 if __name__ == "__main__":

@@ -51,6 +51,13 @@ def test_tiny_run_on_the_cpu(tmp_path):
     assert "error" not in row, row
     assert row["tokens_per_s"] > 0 and row["max_length"] == 512 and row["qlora"] is False
     assert len(row["step_ms"]) == 1 and row["median_step_tokens_per_s"] > 0
+    # --compare against an earlier result: the same run read as 10x faster before is a regression
+    old = tmp_path / "old.json"
+    data["rows"][0]["tokens_per_s"] *= 10
+    old.write_text(json.dumps(data))
+    again = ["--model", "tiny", "--providers", "fastsft", "--warmup", "1", "--steps", "1", "--batch", "2",
+             "--seq-len", "512", "--packing", "--out", str(tmp_path / "again"), "--compare", str(old)]
+    assert bench_sft.main(again) == 1
     assert row["gflop_per_token"] > 0 and "mfu" not in row  # no matmul rate without a GPU
     assert data["gflop_per_token"] == row["gflop_per_token"]
 

@@ -122,3 +122,20 @@ def test_time_limit_cuts_an_overrunning_part(tmp_path, monkeypatch):
     slow, after = json.loads((tmp_path / "suite_probe.json").read_text())
     assert slow["rc"] == "timeout" and slow["timeout_s"] <= 4
     assert after["rc"] == "not run"
+
+
+def test_compare_flags_a_result_worse_than_its_namesake(tmp_path, monkeypatch, capsys):
+    old_dir, out = tmp_path / "old", tmp_path / "out"
+    old_dir.mkdir()
+    env = {"card": "NVIDIA H200", "versions": {}, "commit": "abc"}
+    write = ("import json, sys; json.dump({'environment': %r, 'rows': [{'provider': 'fastsft', 'tokens_per_s': %s}]},"
+             " open(sys.argv[1] + '/sft_x.json', 'w'))")
+    (old_dir / "sft_x.json").write_text(json.dumps({"environment": env, "rows": [{"provider": "fastsft",
+                                                                                   "tokens_per_s": 1000.0}]}))
+    (tmp_path / "writer.py").write_text(write % (env, "800.0"))
+    monkeypatch.setitem(suite.PRESETS, "probe", {1: [suite.Entry("w", ("writer", "{out}"), 60,
+                                                                 env={"PYTHONPATH": str(tmp_path)})]})
+    assert suite.main(["--preset", "probe", "--out", str(out)]) == 0
+    assert suite.main(["--preset", "probe", "--out", str(out), "--compare", str(old_dir)]) == 1
+    assert "REGRESSION" in capsys.readouterr().out
+    assert suite.main(["--preset", "probe", "--out", str(out), "--compare", str(old_dir), "--threshold", "0.5"]) == 0
