@@ -181,6 +181,7 @@ class SFTTrainer(trl.SFTTrainer):
                             f"{type(patch).__name__}")
         switches = patch if isinstance(patch, dict) else {}
         self.patch_report: patching.PatchReport | None = None
+        self._pending_token_stats: list = []  # training micro-batches' metric sums, read at the next log
         # A model object is patched before TRL sees it (so a bad backend fails before any work); TRL then wraps
         # the patched forward with its head, which is dropped again below.
         if patch is not False and not isinstance(model, str) and patching.is_supported(model):
@@ -280,13 +281,13 @@ class SFTTrainer(trl.SFTTrainer):
         them (``.item()``) between each micro-batch's forward and backward: four host-device synchronizations and,
         with several processes, four collectives that hold every rank at that point. In training, fastsft keeps the
         micro-batch's sums on the device and reads them all at the next :meth:`log`, in one gather per quantity."""
-        if "attention_mask" in inputs:
-            local_tokens = inputs["attention_mask"].sum()
-        elif "position_ids" in inputs:
-            local_tokens = inputs["position_ids"].size(1)  # an int: a tensor made from it now would synchronize
-        elif mode == "train":
-            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
         if mode == "train":
+            if "attention_mask" in inputs:
+                local_tokens = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:
+                local_tokens = inputs["position_ids"].size(1)  # an int: a tensor made from it now would synchronize
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
             state = self.accelerator.gradient_state
             # what gather_for_metrics would keep of the gathered ranks at this micro-batch (the end of the data)
             keep = state.remainder if state.end_of_dataloader and state.remainder > 0 else None
@@ -294,21 +295,12 @@ class SFTTrainer(trl.SFTTrainer):
                                               outputs.is_top1.sum(), local_tokens, keep))
             return
         self._resolve_token_stats()  # the eval entry reports the training tokens so far, as TRL's does
-        if not isinstance(local_tokens, torch.Tensor):
-            local_tokens = torch.tensor(local_tokens, device=inputs["position_ids"].device)
         num_valid = self.accelerator.gather_for_metrics(outputs.label_mask.sum()).sum()
         entropy_sum = self.accelerator.gather_for_metrics(outputs.entropy.detach().sum()).sum()
         num_correct = self.accelerator.gather_for_metrics(outputs.is_top1.sum()).sum()
         self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-
-    @property
-    def _pending_token_stats(self) -> list:
-        pending = self.__dict__.get("_fastsft_pending_token_stats")
-        if pending is None:
-            pending = self.__dict__["_fastsft_pending_token_stats"] = []
-        return pending
 
     def _resolve_token_stats(self) -> None:
         """The deferred training micro-batches' metrics into ``self._metrics["train"]``, as TRL computes them per

@@ -94,6 +94,20 @@ def test_parity_with_trl_20_steps(tmp_path):
     assert losses[-1] < losses[0]  # it trained
 
 
+def test_eval_token_metrics_need_no_token_count(tmp_path):
+    """Evaluation counts no input tokens (as TRL's), so its inputs need neither an attention mask nor position ids."""
+    from types import SimpleNamespace
+
+    trainer = train(fastsft.SFTTrainer, tmp_path, steps=1, train=False)
+    outputs = SimpleNamespace(label_mask=torch.tensor([[1, 1, 0, 1]]), entropy=torch.tensor([[0.5, 1.0, 9.0, 1.5]]),
+                              is_top1=torch.tensor([[1, 0, 0, 1]]))
+    outputs.entropy = outputs.entropy * outputs.label_mask
+    trainer._log_token_metrics("eval", {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, outputs)
+    assert trainer._metrics["eval"]["entropy"] == [pytest.approx(1.0)]
+    assert trainer._metrics["eval"]["mean_token_accuracy"] == [pytest.approx(2 / 3)]
+    assert trainer._pending_token_stats == []
+
+
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "padding_free"])
 def test_token_metrics_read_at_each_log_equal_trls(tmp_path, packing, monkeypatch):
     """In training, fastsft reads entropy, token accuracy and token counts at each log instead of between every
