@@ -20,8 +20,8 @@ from pathlib import Path
 CONFIG_KEYS = {"tokens", "chunk", "head_dim", "hq", "hkv", "num_seqs", "batch", "max_length", "steps_timed", "rank",
                "hidden", "intermediate", "rows", "cols", "seq"}
 # Measured fields and whether larger is better.
-HIGHER_IS_BETTER = {"tokens_per_s", "median_step_tokens_per_s", "TFLOP/s", "GB/s", "device_TFLOP/s", "device_GB/s", "of_copy_bw",
-                    "device_of_copy_bw", "fwd_tflops", "fwd_bwd_tflops", "gbps", "bandwidth_frac", "mfu",
+HIGHER_IS_BETTER = {"tokens_per_s", "median_step_tokens_per_s", "TFLOP/s", "GB/s", "device_TFLOP/s", "device_GB/s",
+                    "of_copy_bw", "device_of_copy_bw", "fwd_tflops", "fwd_bwd_tflops", "gbps", "bandwidth_frac", "mfu",
                     "hfu"}
 LOWER_IS_BETTER_HINTS = ("ms", "GiB", "bytes", "vs_floor", "_s")
 # Spreads, the card's reference rates, bookkeeping of the kernel suite (rounds, ring) and the model's FLOP count.
@@ -181,7 +181,7 @@ def _worse(metric: str, old: float, new: float, threshold: float) -> bool:
     change = (new - old) / abs(old)
     if metric in HIGHER_IS_BETTER:
         return change < -threshold
-    if metric.endswith(LOWER_IS_BETTER_HINTS) or metric in ("step_ms_median", "step_ms_max"):
+    if metric.endswith(LOWER_IS_BETTER_HINTS) or "ms" in metric.split("_"):  # a time: step_ms_median, ...
         return change > threshold
     return False
 
