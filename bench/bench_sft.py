@@ -290,6 +290,8 @@ def main(argv=None) -> int:
         return 0
     if a.max_length > 8192:
         parser.error("--seq-len: the models have 8192 positions")
+    if a.compare is not None and not a.compare.is_file():  # before the run, not after it
+        parser.error(f"--compare: no file {a.compare}")
 
     from bench import harness
 

@@ -157,6 +157,10 @@ def main(argv=None) -> int:
                              "bench/results) and exit 1 on any metric worse by more than --threshold")
     parser.add_argument("--threshold", type=float, default=0.05, help="relative change --compare flags (default 5%%)")
     a = parser.parse_args(argv)
+    if a.time_limit is not None and a.time_limit <= 0:
+        parser.error(f"--time-limit must be positive, got {a.time_limit}")
+    if a.compare is not None and not a.compare.is_dir():  # before the run, not after it
+        parser.error(f"--compare: no folder {a.compare}")
     if a.list:
         for preset, parts in PRESETS.items():
             for part, todo in parts.items():

@@ -71,3 +71,10 @@ def test_e2e_is_the_sft_bench_under_its_short_name():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert "--model" in out.stdout and "stock TRL, TRL with Liger, and fastsft" in out.stdout
+
+
+def test_compare_with_a_missing_file_is_rejected_before_the_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_sft.main(["--model", "tiny", "--providers", "fastsft", "--out", str(tmp_path),
+                        "--compare", str(tmp_path / "missing.json")])
+    assert "--compare" in capsys.readouterr().err and not list(tmp_path.glob("*.json"))

@@ -139,3 +139,11 @@ def test_compare_flags_a_result_worse_than_its_namesake(tmp_path, monkeypatch, c
     assert suite.main(["--preset", "probe", "--out", str(out), "--compare", str(old_dir)]) == 1
     assert "REGRESSION" in capsys.readouterr().out
     assert suite.main(["--preset", "probe", "--out", str(out), "--compare", str(old_dir), "--threshold", "0.5"]) == 0
+
+
+@pytest.mark.parametrize("flags", [["--time-limit", "0"], ["--compare", "/nonexistent/folder"]])
+def test_bad_flags_are_rejected_before_the_run(tmp_path, flags, capsys):
+    with pytest.raises(SystemExit):
+        suite.main(["--preset", "quick", "--out", str(tmp_path), *flags])
+    assert flags[0] in capsys.readouterr().err
+    assert not (tmp_path / "suite_quick.json").exists()  # nothing ran
