@@ -304,33 +304,39 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_dot,
-                    stride_dqt, offs_n, offs_d, d_ok, L, lo, hi, qk_scale, sm_scale, softcap, window,
+def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt, stride_qh, stride_dot,
+                    stride_doh, stride_dqt, stride_dqh, total, group, offs_n, offs_d, d_ok, L, lo, hi, qk_scale,
+                    sm_scale, softcap, window,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     MASK_D: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     DQ_ATOMIC: tl.constexpr):
-    offs_m = lo + tl.arange(0, BLOCK_M)
-    q_ptrs = q_base + offs_m[None, :].to(tl.int64) * stride_qt + offs_d[:, None]  # [D, M]
-    do_ptrs = do_base + offs_m[:, None].to(tl.int64) * stride_dot + offs_d[None, :]  # [M, D]
-    dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :]  # [M, D], float32
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+    """Query blocks [lo, hi) of every query head of the group, as one loop: a packed sequence's ranges are only a
+    few blocks long, and one loop per head would refill the software pipeline for each of them."""
+    blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    for it in range(0, group * blocks):
+        g = it // blocks
+        offs_m = lo + (it - g * blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_m.to(tl.int64)
         m_ok = offs_m < L
-        q_t = _load(q_ptrs, m_ok[None, :], d_ok[:, None], MASK, MASK_D)
+        q_t = _load(q_base + g * stride_qh + rows[None, :] * stride_qt + offs_d[:, None], m_ok[None, :],
+                    d_ok[:, None], MASK, MASK_D)  # [D, M]
+        lse_ptrs = lse_base + g.to(tl.int64) * total + offs_m
         if MASK:
-            lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * LOG2E
+            lse2 = tl.load(lse_ptrs, mask=m_ok, other=0.0) * LOG2E
         else:
-            lse2 = tl.load(lse_base + offs_m) * LOG2E
+            lse2 = tl.load(lse_ptrs) * LOG2E
         s_t, t = _scores(tl.dot(k, q_t, input_precision=DOT_PRECISION), qk_scale, sm_scale, softcap, HAS_SOFTCAP)
         p_t = tl.exp2(s_t - lse2[None, :])  # [N, M]
         if MASK:
             p_t = tl.where(_band(offs_m[None, :], offs_n[:, None], L, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
-        do = _load(do_ptrs, m_ok[:, None], d_ok[None, :], MASK, MASK_D)
+        do = _load(do_base + g * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], m_ok[:, None],
+                   d_ok[None, :], MASK, MASK_D)  # [M, D]
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        delta_ptrs = delta_base + g.to(tl.int64) * total + offs_m
         if MASK:
-            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(delta_ptrs, mask=m_ok, other=0.0)
         else:
-            delta = tl.load(delta_base + offs_m)
+            delta = tl.load(delta_ptrs)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_SOFTCAP:
@@ -338,13 +344,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base
         dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
         if DQ_ATOMIC:  # this key block's share of dQ, summed in float32 by atomics (order varies run to run)
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * sm_scale
+            dq_ptrs = dq_base + g * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :]
             if MASK or MASK_D:
                 tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
             else:
                 tl.atomic_add(dq_ptrs, dq, sem="relaxed")
-            dq_ptrs += BLOCK_M * stride_dqt
-        q_ptrs += BLOCK_M * stride_qt
-        do_ptrs += BLOCK_M * stride_dot
     return dk, dv
 
 
@@ -397,25 +401,24 @@ def _bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(0, group):  # the query heads sharing this K/V head
-        h = kvh * group + g
-        q_base = Q + start.to(tl.int64) * stride_qt + h * stride_qh
-        do_base = DO + start.to(tl.int64) * stride_dot + h * stride_doh
-        lse_base = LSE + h.to(tl.int64) * total + start
-        delta_base = DELTA + h.to(tl.int64) * total + start
-        dq_base = DQ_ACC + start.to(tl.int64) * stride_dqt + h * stride_dqh
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                                 stride_dot, stride_dqt, offs_n, offs_d, d_ok, L, lo, clean_lo, qk_scale, sm_scale, softcap, window, True,
-                                 CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M, DOT_PRECISION,
-                                 DQ_ATOMIC)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                                 stride_dot, stride_dqt, offs_n, offs_d, d_ok, L, clean_lo, clean_hi, qk_scale, sm_scale, softcap, window,
-                                 False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M, DOT_PRECISION,
-                                 DQ_ATOMIC)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
-                                 stride_dot, stride_dqt, offs_n, offs_d, d_ok, L, clean_hi, hi, qk_scale, sm_scale, softcap, window, True,
-                                 CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M, DOT_PRECISION,
-                                 DQ_ATOMIC)
+    h0 = kvh * group  # the query heads sharing this K/V head: h0 .. h0 + group - 1
+    q_base = Q + start.to(tl.int64) * stride_qt + h0 * stride_qh
+    do_base = DO + start.to(tl.int64) * stride_dot + h0 * stride_doh
+    lse_base = LSE + h0.to(tl.int64) * total + start
+    delta_base = DELTA + h0.to(tl.int64) * total + start
+    dq_base = DQ_ACC + start.to(tl.int64) * stride_dqt + h0 * stride_dqh
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
+                             stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, total, group, offs_n, offs_d, d_ok, L, lo, clean_lo, qk_scale,
+                             sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M,
+                             DOT_PRECISION, DQ_ATOMIC)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
+                             stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, total, group, offs_n, offs_d, d_ok, L, clean_lo, clean_hi, qk_scale,
+                             sm_scale, softcap, window, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M,
+                             DOT_PRECISION, DQ_ATOMIC)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_qt,
+                             stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, total, group, offs_n, offs_d, d_ok, L, clean_hi, hi, qk_scale,
+                             sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M,
+                             DOT_PRECISION, DQ_ATOMIC)
     dk = dk * sm_scale
     dk_ptrs = DK + tok_n[:, None] * stride_dkt + kvh * stride_dkh + offs_d[None, :]
     dv_ptrs = DV + tok_n[:, None] * stride_dvt + kvh * stride_dvh + offs_d[None, :]
