@@ -10,8 +10,8 @@ from fastsft.triton_kernels import flash_attention, rms_norm as rms_norm_kernels
 
 pytestmark = pytest.mark.gpu
 
-KERNELS = [flash_attention._flash_fwd_kernel, flash_attention._bwd_preprocess_kernel, flash_attention._bwd_dq_kernel,
-           flash_attention._bwd_dkdv_kernel, rms_norm_kernels._rms_norm_backward_kernel, rope_kernels._rope_kernel]
+KERNELS = [flash_attention._flash_fwd_kernel, flash_attention._bwd_dq_kernel, flash_attention._bwd_dkdv_kernel,
+           rms_norm_kernels._rms_norm_backward_kernel, rope_kernels._rope_kernel]
 
 
 def compiled_variants(kernel) -> int:
