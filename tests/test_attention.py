@@ -237,6 +237,43 @@ def test_bad_input_is_rejected_clearly():
             fa(big, big, big, cu, m, backend="triton")
 
 
+def test_grid_limits_fall_back_instead_of_failing(monkeypatch):
+    """More sequences or blocks than a CUDA grid axis holds: the triton backend declines before the forward (its
+    backward could not fall back), with the reason, and ``auto`` runs the next backend."""
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")) is not None:
+        pytest.skip("needs the triton backend on the CPU")
+    from fastsft.triton_kernels import flash_attention as fa_kernels
+
+    monkeypatch.setattr(fa_kernels, "MAX_GRID_YZ", 3)
+    q, k, v = (torch.randn(60, 2, 16) for _ in range(3))
+    many = torch.tensor([0, 15, 30, 45, 60], dtype=torch.int32)  # 4 sequences > 3
+    with pytest.raises(backends.Unsupported, match="4 sequences in one call"):
+        flash_attention_varlen(q, k, v, many, 15, backend="triton")
+    long = torch.tensor([0, 60], dtype=torch.int32)  # 60 tokens: 4 blocks of 16 (the interpreter's smallest) > 3
+    with pytest.raises(backends.Unsupported, match="a sequence of 60 tokens"):
+        flash_attention_varlen(q, k, v, long, 60, backend="triton")
+    flash_attention_varlen(q[:48], k[:48], v[:48], long.clamp(max=48), 48, backend="triton")  # 3 blocks: runs
+    monkeypatch.setattr(backends, "select", lambda op, backend, device: (["triton", "reference"], False))
+    got = flash_attention_varlen(q, k, v, many, 15, backend="auto")
+    assert torch.equal(got, flash_attention_varlen(q, k, v, many, 15, backend="reference"))
+
+
+def test_no_configuration_has_a_grid_block_below_min_block():
+    """unsupported_reason skips the config lookups when max_seqlen fits MIN_BLOCK-sized blocks: that needs every
+    configuration's grid blocks (forward and dQ query blocks, dK/dV key blocks) at least that large."""
+    import json
+
+    from fastsft.backends import TABLE_PATH
+    from fastsft.triton_kernels import flash_attention as fa_kernels
+
+    table = json.loads(TABLE_PATH.with_name(fa_kernels.TABLE_NAME).read_text())
+    configs = [(kernel, cfg) for (kernel, _), cfg in [*fa_kernels._DEFAULTS.items(), *fa_kernels._FLOAT32.items()]]
+    configs += list(fa_kernels._INTERPRETER.items())
+    configs += [(key.split("/")[0], cfg) for card in table["cards"].values() for key, cfg in card.items()]
+    for kernel, cfg in configs:
+        assert cfg["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"] >= fa_kernels.MIN_BLOCK, (kernel, cfg)
+
+
 def test_cu_seqlens_changed_in_place_is_checked_again():
     """Layers share one cu_seqlens, so a tensor checked once is not checked again, unless it changed since."""
     q, k, v = (torch.randn(7, 2, 8) for _ in range(3))

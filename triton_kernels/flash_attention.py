@@ -394,9 +394,9 @@ def _bwd_dkdv_kernel(
                              sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M,
                              DOT_PRECISION)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
-                             stride_dot, stride_doh, total, group, offs_n, offs_d, d_ok, L, clean_lo, clean_hi, qk_scale,
-                             sm_scale, softcap, window, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M,
-                             DOT_PRECISION)
+                             stride_dot, stride_doh, total, group, offs_n, offs_d, d_ok, L, clean_lo, clean_hi,
+                             qk_scale, sm_scale, softcap, window, False, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D,
+                             BLOCK_M, DOT_PRECISION)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh,
                              stride_dot, stride_doh, total, group, offs_n, offs_d, d_ok, L, clean_hi, hi, qk_scale,
                              sm_scale, softcap, window, True, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, MASK_D, BLOCK_M,
@@ -511,6 +511,25 @@ def _flags(q, causal, window, softcap, cfg):
                 DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z sizes: sequences go on y, blocks on z
+MIN_BLOCK = 16  # no configuration (table, defaults, interpreter) has a smaller query or key block
+
+
+def unsupported_reason(num_seqs: int, max_seqlen: int, head_dim: int, device: torch.device,
+                       element_size: int) -> str | None:
+    """Why the kernels cannot launch this case (None when they can): the forward and backward grids hold every
+    sequence on one axis and every block of the longest one on another, each at most :data:`MAX_GRID_YZ`."""
+    if num_seqs > MAX_GRID_YZ:
+        return f"{num_seqs} sequences in one call (at most {MAX_GRID_YZ})"
+    if cdiv(max_seqlen, MIN_BLOCK) <= MAX_GRID_YZ:  # every call of a training run: no config lookups
+        return None
+    blocks = [kernel_config(kernel, head_dim, device, element_size, max_seqlen)[key]
+              for kernel, key in (("fwd", "BLOCK_M"), ("dq", "BLOCK_M"), ("dkdv", "BLOCK_N"))]
+    if cdiv(max_seqlen, min(blocks)) > MAX_GRID_YZ:
+        return f"a sequence of {max_seqlen} tokens (at most {MAX_GRID_YZ * min(blocks)} with blocks of {min(blocks)})"
+    return None
+
+
 def _grid(heads: int, cu_seqlens: torch.Tensor, max_seqlen: int, block: int) -> tuple[int, int, int]:
     """(heads, sequences, blocks): CUDA starts programs in grid order, x fastest, so every head and sequence of
     the heaviest block index starts before any lighter one. With the block index fastest instead, the heaviest
@@ -518,9 +537,9 @@ def _grid(heads: int, cu_seqlens: torch.Tensor, max_seqlen: int, block: int) -> 
     32/8 heads of 128: packed 8k tokens 1.249 ms against 1.407, dense 8k 4.86 against 5.58, dense 16k 19.16
     against 19.26 (bench/results/attention_grid_layout.json)."""
     num_seqs, blocks = cu_seqlens.shape[0] - 1, cdiv(max_seqlen, block)
-    if num_seqs > 65535 or blocks > 65535:
-        raise ValueError(f"flash attention: at most 65535 sequences and 65535 blocks of {block} tokens per launch, "
-                         f"got {num_seqs} sequences, max_seqlen {max_seqlen}")
+    if num_seqs > MAX_GRID_YZ or blocks > MAX_GRID_YZ:  # the op checks this first (unsupported_reason)
+        raise ValueError(f"flash attention: at most {MAX_GRID_YZ} sequences and {MAX_GRID_YZ} blocks of {block} "
+                         f"tokens per launch, got {num_seqs} sequences, max_seqlen {max_seqlen}")
     return heads, num_seqs, blocks
 
 

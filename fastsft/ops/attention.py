@@ -151,6 +151,11 @@ def _triton_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, w
                                    "use backend='reference'")
     if q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
         raise ValueError(f"{OP}: the triton backend takes head dims up to {_MAX_KERNEL_HEAD_DIM}, got {q.shape[-1]}")
+    from fastsft.triton_kernels import flash_attention as fa
+
+    reason = fa.unsupported_reason(cu_seqlens.shape[0] - 1, max_seqlen, q.shape[-1], q.device, q.element_size())
+    if reason is not None:  # checked before the forward: the backward launches the same grids and cannot fall back
+        raise backends.Unsupported(f"{OP}: the triton backend cannot launch {reason}")
     return _FlashAttnVarlen.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, int(window or 0),
                                   float(softcap or 0.0))
 
