@@ -281,3 +281,80 @@ def test_floating_point_ops_counts_parameters_once_per_train_call(tmp_path, monk
     assert calls == [{"exclude_embeddings": True}]
     fast.train()  # a second call counts again (the model may have changed in between)
     assert len(calls) == 2
+
+
+def _children_calls(monkeypatch):
+    """Counts nn.Module.children() calls: nn.Module.train() makes one per module it walks."""
+    calls = []
+    original = torch.nn.Module.children
+
+    def children(self):
+        calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(torch.nn.Module, "children", children)
+    return calls
+
+
+def test_first_train_call_of_a_step_skips_the_walk_when_nothing_changes(monkeypatch):
+    from fastsft.trainer import _train_call_skipped_if_noop
+
+    model = demo_model(**SMALL_DEMO).train()
+    calls = _children_calls(monkeypatch)
+    with _train_call_skipped_if_noop(model):
+        assert model.train() is model
+        assert calls == [], "the walk ran although every module was training"
+        model.eval()  # any later call is the real one
+        assert calls and not any(m.training for m in model.modules())
+    assert "train" not in model.__dict__
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
+def test_first_train_call_walks_when_a_module_is_not_training_or_has_its_own_train(monkeypatch):
+    from fastsft.trainer import _train_call_skipped_if_noop
+
+    model = demo_model(**SMALL_DEMO).train()
+    model.model.layers[0].mlp.eval()
+    with _train_call_skipped_if_noop(model):
+        model.train()
+    assert all(m.training for m in model.modules())
+
+    seen = []
+
+    class OwnTrain(torch.nn.Identity):
+        def train(self, mode=True):
+            seen.append(mode)
+            return super().train(mode)
+
+    model.model.layers[0].extra = OwnTrain()
+    model.train()
+    seen.clear()
+    with _train_call_skipped_if_noop(model):
+        model.train()
+    assert seen == [True], "a module with its own train() must see the call"
+
+
+def test_train_attribute_is_removed_when_the_step_raises():
+    from fastsft.trainer import _train_call_skipped_if_noop
+
+    model = demo_model(**SMALL_DEMO).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        with _train_call_skipped_if_noop(model):
+            raise RuntimeError("boom")
+    assert "train" not in model.__dict__
+
+
+def test_training_steps_go_through_the_skip(tmp_path, monkeypatch):
+    import fastsft.trainer as trainer_module
+
+    checked = []
+    real = trainer_module._all_in_training_mode
+
+    def spy(model):
+        checked.append(real(model))
+        return checked[-1]
+
+    monkeypatch.setattr(trainer_module, "_all_in_training_mode", spy)
+    train(fastsft.SFTTrainer, tmp_path, steps=3)
+    assert checked == [True, True, True]
