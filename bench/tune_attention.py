@@ -5,8 +5,8 @@ key block, warps, pipeline stages), on the two row kinds that training sees: pac
 tokens, the table's "short" entries; timed at 8k and at 16k tokens) and one dense causal row of 8k tokens
 ("long"). 32 query / 8 KV heads, bfloat16. A candidate counts only if it compiles, fits and gives the same result
 as the default configuration (within bf16 rounding) in every case of its row kind; the one with the least time
-summed over those cases is the table's entry for (kernel, head dim, dtype width, row kind). (Scoring the packed
-kind on one 8k row alone picked a dK/dV configuration 6% faster there and 7% slower at 16k.)
+summed over those cases is the table's entry for (kernel, head dim, dtype width, row kind). (In one run on an H200, the
+dK/dV configuration 7% faster at packed 8k was 6% slower at 16k.)
 
     python -m bench.tune_attention --out bench/results [--quick] [--write-table]
 

@@ -421,9 +421,10 @@ TABLE_NAME = "attention_kernel_table.json"  # in the fastsft package, next to ba
 LONG_SEQLEN = 2048  # max_seqlen above this uses the table's "long" entries (dense rows), else "short" (packed)
 
 # bf16/fp16 on a card not in the table: per kernel and head dim, the configuration with the best time summed over
-# packed and dense rows in the H200 tuning at 15488c7 (bench/results/tune_attention.json at that commit). BLOCK_M is the query block and BLOCK_N the key
-# block of every kernel; shared memory holds the streamed operand per stage (a card with less shared memory than a
-# Hopper one fails to launch some: the op then falls back to the next attention backend with a warning).
+# packed and dense rows in the H200 tuning at 15488c7 (bench/results/tune_attention.json at that commit). BLOCK_M is
+# the query block and BLOCK_N the key block of every kernel; shared memory holds the streamed operand per stage (a
+# card with less shared memory than a Hopper one fails to launch some: the op then falls back to the next attention
+# backend with a warning).
 _DEFAULTS = {
     ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),
