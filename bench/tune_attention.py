@@ -1,7 +1,7 @@
 """Tune the Triton flash-attention kernels' launch configurations on this card and store the fastest.
 
 Each kernel (forward, dK/dV, dQ) is timed alone over a fixed list of candidate configurations (query block,
-key block, warps, pipeline stages), on the two row kinds that training sees: packed rows (sequences of 100-2000
+key block, warps, pipeline stages, and whether the streamed operand is loaded by TMA), on the two row kinds that training sees: packed rows (sequences of 100-2000
 tokens, the table's "short" entries; timed at 8k and at 16k tokens) and one dense causal row of 8k tokens
 ("long"). 32 query / 8 KV heads, bfloat16. A candidate counts only if it compiles, fits and gives the same result
 as the default configuration (within bf16 rounding) in every case of its row kind; the one with the least time
@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 HQ, HKV, TOKENS = 32, 8, 8192
+CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "tma")
 CASES = (("packed", 8192), ("packed", 16384), ("dense", 8192))  # (row kind, tokens)
 
-# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages)
-CANDIDATES = {
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) of the pointer kernels
+_POINTER = {
     "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3),
             (128, 32, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2),
             (64, 32, 4, 3)],
@@ -37,6 +38,16 @@ CANDIDATES = {
     "dq": [(128, 32, 4, 3), (128, 32, 4, 4), (128, 32, 4, 5), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2),
            (64, 64, 4, 3), (64, 32, 4, 4), (64, 64, 8, 3), (128, 16, 4, 4), (64, 16, 4, 4), (64, 64, 4, 2)],
 }
+# the same with the streamed operand loaded by TMA (flash_attention_tma; Hopper and later, power-of-two head dims)
+_TMA = {
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (64, 32, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3),
+            (128, 64, 8, 2), (128, 128, 8, 2)],
+    "dkdv": [(32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (16, 64, 4, 4)],
+    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2)],
+}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, tma)
+CANDIDATES = {kernel: [(*c, False) for c in _POINTER[kernel]] + [(*c, True) for c in _TMA[kernel]]
+              for kernel in _POINTER}
 
 
 def parse_args(argv):
@@ -52,8 +63,7 @@ def parse_args(argv):
 
 
 def _cfg(candidate):
-    m, n, warps, stages = candidate
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+    return dict(zip(CONFIG_KEYS, candidate))
 
 
 def _rel_err(got, want) -> float:
@@ -147,7 +157,6 @@ def tune(case, kernel, rep, candidates=None) -> list[dict]:
     return rows
 
 
-CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 
 
 def summed_times(rows, element_size, fa) -> dict:
@@ -155,7 +164,7 @@ def summed_times(rows, element_size, fa) -> dict:
     cases, times = {}, {}
     for row in rows:
         key = f"{row['kernel']}/d{fa._dim_class(row['head_dim'])}/{8 * element_size}bit/{row['bucket']}"
-        cfg = tuple(row[k] for k in CONFIG_KEYS)
+        cfg = tuple(row.get(k, False) for k in CONFIG_KEYS)  # rows from before TMA candidates: pointer kernels
         cases.setdefault(key, set()).add((row["kind"], row["tokens"]))
         if "ms" in row:
             entry = times.setdefault((key, cfg), [0.0, 0])
@@ -200,7 +209,7 @@ def main(argv=None) -> int:
     for key, (cfg, ms) in sorted(best.items()):
         kernel, dim, _, bucket = key.split("/")
         default = fa._DEFAULTS[(kernel, int(dim[1:]))]
-        default_ms = summed.get((key, tuple(default[k] for k in CONFIG_KEYS)))
+        default_ms = summed.get((key, tuple(default.get(k, False) for k in CONFIG_KEYS)))
         summary.append({"key": key, **cfg, "ms": ms, "default_ms": default_ms,
                         "speedup_over_default": default_ms / ms if default_ms else None})
         print(f"best {key}: {cfg} {ms:.4f} ms summed over its cases (default {default_ms})", flush=True)
@@ -219,7 +228,7 @@ def main(argv=None) -> int:
         meta = {"seconds": round(time.time() - started, 1), "cases": CASES, "hq": HQ, "hkv": HKV,
                 "dtype": "bfloat16", "candidates": rows}
         harness.write(summary, args.out, "tune_attention",
-                      ["key", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "ms", "default_ms",
+                      ["key", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "tma", "ms", "default_ms",
                        "speedup_over_default"],
                       "Triton flash-attention launch configurations, fastest per kernel (32/8 heads; ms summed "
                       "over packed 8k + 16k tokens, or one dense 8k row)",

@@ -141,6 +141,62 @@ def test_other_block_sizes(shape, opts, poisoned, monkeypatch):
     check("triton", q, k, v, cu, m, rtol=RTOL[torch.float32], **opts)
 
 
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """The interpreter's configs with ``tma`` on; counts the launches that took the TMA kernels."""
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")):
+        pytest.skip("needs the triton backend on the CPU")
+    from fastsft.triton_kernels import flash_attention as fa
+    from fastsft.triton_kernels import flash_attention_tma as fa_tma
+
+    counts = {}
+    for name in ("launch_fwd_tma", "launch_dq_tma", "launch_dkdv_tma"):
+        def counted(*args, _launch=getattr(fa_tma, name), _name=name):
+            counts[_name] = counts.get(_name, 0) + 1
+            return _launch(*args)
+
+        monkeypatch.setattr(fa_tma, name, counted)
+    monkeypatch.setattr(fa, "kernel_config", lambda kernel, *a: dict(fa._INTERPRETER[kernel], tma=True))
+    return counts
+
+
+@pytest.mark.parametrize("hq,hkv,d,dtype,opts", [
+    (4, 1, 64, torch.float32, {}),
+    (4, 2, 32, torch.float16, {"window": 21, "softcap": 4.0}),
+    (2, 2, 64, torch.float32, {"causal": False}),
+    (2, 1, 96, torch.float32, {}),  # not a power of two: the pointer kernels
+], ids=["gqa4-d64", "gqa2-d32-window-softcap-f16", "noncausal", "d96-pointer"])
+def test_tma_kernels_match_reference(hq, hkv, d, dtype, opts, tma_launches, poisoned):
+    q, k, v, cu, m = make_inputs(random_lengths(150, 12), hq, hkv, d, dtype, "cpu")
+    check("triton", q, k, v, cu, m, rtol=RTOL[dtype], **opts)
+    want = {} if d == 96 else {"launch_fwd_tma": 1, "launch_dq_tma": 1, "launch_dkdv_tma": 1}
+    assert tma_launches == want
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on the poisoned sequence's rows
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+def test_inf_in_a_neighbouring_sequence_stays_there(tma, tma_launches, poisoned, monkeypatch):
+    """A tile that runs past its sequence's end reads the next sequence's rows (TMA fetches whole tiles): inf
+    there must not reach this sequence's outputs or gradients."""
+    from fastsft.triton_kernels import flash_attention as fa
+
+    if not tma:
+        monkeypatch.setattr(fa, "kernel_config", lambda kernel, *a: dict(fa._INTERPRETER[kernel]))
+    lengths = [37, 50, 29]
+    q, k, v, cu, m = make_inputs(lengths, 4, 2, 32, torch.float32, "cpu")
+    poisoned_rows = slice(37, 87)
+    bad = [t.detach().clone() for t in (q, k, v)]
+    for t in bad:
+        t[poisoned_rows] = float("inf")
+    got = run("triton", *bad, cu, m)
+    want = reference_of(q, k, v, cu, m)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        for rows in (slice(0, 37), slice(87, 116)):
+            assert torch.isfinite(g[rows]).all(), f"{name}: inf/NaN outside the poisoned sequence"
+            assert_close(g[rows], w[rows], rtol=RTOL[torch.float32], atol=1e-9, name=name)
+    assert bool(tma_launches) == tma
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 def test_window_sizes_around_block_edges(device, backend, poisoned):
     """Windows whose edges fall just before, on and after block boundaries (blocks of 16 and 32 on the CPU)."""

@@ -27,6 +27,8 @@ without repeating K/V).
 - Sliding window (left size ``w``, causal only): query ``i`` sees keys ``j`` with ``i - w < j <= i``.
 - Block shapes, warps and pipeline depth per kernel come from ``fastsft/attention_kernel_table.json``, measured
   per card by ``python -m bench.tune_attention --write-table``; the defaults below where the card is not listed.
+  An entry with ``"tma": true`` runs the kernel's TMA variant (:mod:`flash_attention_tma`) where the inputs allow
+  and the kernels launch directly (eager calls); the pointer kernel, same blocks, otherwise.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher, next_power_of_2
+from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher, launching_directly, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a kernel may read a global only as a constexpr
 LN2 = tl.constexpr(0.6931471805599453)
@@ -563,7 +565,21 @@ def _grid(heads: int, cu_seqlens: torch.Tensor, max_seqlen: int, block: int) -> 
 # The launchers take explicit configs so that the tuner (bench/tune_attention.py) can time each kernel alone (inside
 # launch.direct_launch(), as eager calls of the ops run).
 
+def _tma(cfg, *tensors) -> bool:
+    """Whether this launch takes the TMA kernels (flash_attention_tma): the config asks for them, the kernels run
+    as launched (``wrap_triton``'s tracing is not given tensor descriptors) and the inputs allow it."""
+    if not cfg.get("tma") or not launching_directly():
+        return False
+    from fastsft.triton_kernels import flash_attention_tma
+
+    return flash_attention_tma.usable(tensors[0].device, *tensors)
+
+
 def launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg):
+    if _tma(cfg, k, v):
+        from fastsft.triton_kernels.flash_attention_tma import launch_fwd_tma
+
+        return launch_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg)
     grid = _grid(q.shape[1], cu_seqlens, max_seqlen, cfg["BLOCK_M"])
     launcher(_flash_fwd_kernel)[grid](
         q, k, v, out, lse, cu_seqlens,
@@ -573,6 +589,11 @@ def launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal,
 
 def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap,
                 cfg):
+    if _tma(cfg, q, dout):
+        from fastsft.triton_kernels.flash_attention_tma import launch_dkdv_tma
+
+        return launch_dkdv_tma(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softmax_scale, causal,
+                               window, softcap, cfg)
     grid = _grid(k.shape[1], cu_seqlens, max_seqlen, cfg["BLOCK_N"])
     launcher(_bwd_dkdv_kernel)[grid](
         q, k, v, dout, dk, dv, lse, delta, cu_seqlens,
@@ -584,6 +605,11 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softm
 def launch_dq(out, dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap,
               cfg):
     """dQ, and ``delta`` (rowsum(dout * out), float32 [Hq, total]) for the dK/dV kernel: launch this one first."""
+    if _tma(cfg, k, v):
+        from fastsft.triton_kernels.flash_attention_tma import launch_dq_tma
+
+        return launch_dq_tma(out, dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softmax_scale, causal,
+                             window, softcap, cfg)
     grid = _grid(q.shape[1], cu_seqlens, max_seqlen, cfg["BLOCK_M"])
     launcher(_bwd_dq_kernel)[grid](
         q, k, v, out, dout, dq, lse, delta, cu_seqlens,

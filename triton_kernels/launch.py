@@ -33,6 +33,11 @@ def direct_launch():
         _direct.on = previous
 
 
+def launching_directly() -> bool:
+    """Whether kernels launched now run as they are (inside :func:`direct_launch`), not traced by ``wrap_triton``."""
+    return getattr(_direct, "on", False)
+
+
 def launcher(kernel):
     """``kernel`` to index with a grid and call: itself inside :func:`direct_launch`, else ``wrap_triton(kernel)``."""
     return kernel if getattr(_direct, "on", False) else wrap_triton(kernel)
