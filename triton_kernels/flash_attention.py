@@ -6,11 +6,8 @@ across a sequence boundary. Query head ``h`` reads key/value head ``h // (Hq // 
 without repeating K/V).
 
 - Grids are ``(heads, num_seqs, cdiv(max_seqlen, BLOCK))``: a program finds its sequence in ``cu_seqlens`` and
-  exits when its block lies outside the sequence, so no host sync is needed. The block index varies slowest so
-  that the programs with the most causal work start first, across all heads and sequences: query blocks count
-  from a sequence's start (block i sees i + 1 key blocks), the dK/dV kernel's key blocks from its end (block e
-  sees (e + 1) BLOCK_N queries, whatever the sequence's length; counted from the start, a long sequence's middle
-  blocks started after the short sequences' light ones and ran on alone at the end).
+  exits when its block starts past the sequence's end, so no host sync is needed. The block index varies
+  slowest so that the programs with the most causal work start first, across all heads and sequences.
 - Each program splits its loop over the other operand's blocks into three ranges: blocks partly masked at the
   window's left edge, blocks that need no mask at all, and blocks partly masked at the causal diagonal or the
   sequence's end. Blocks outside the causal/window band are never visited; the unmasked range loads without
@@ -314,7 +311,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         g = it // blocks
         offs_m = lo + (it - g * blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
-        m_ok = (offs_m >= 0) & (offs_m < L)  # rows below 0: a causal sequence's first key block
+        m_ok = offs_m < L
         q_t = _load(q_base + g * stride_qh + rows[None, :] * stride_qt + offs_d[:, None], m_ok[None, :],
                     d_ok[:, None], MASK, MASK_D)  # [D, M]
         lse_ptrs = lse_base + g.to(tl.int64) * total + offs_m
@@ -335,8 +332,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
         s_t, t = _scores(tl.dot(k, q_t, input_precision=DOT_PRECISION), qk_scale, sm_scale, softcap, HAS_SOFTCAP)
         p_t = tl.exp2(s_t - lse2[None, :])  # [N, M]
         if MASK:
-            p_t = tl.where(_band(offs_m[None, :], offs_n[:, None], L, window, CAUSAL, HAS_WINDOW) & m_ok[None, :],
-                           p_t, 0.0)
+            p_t = tl.where(_band(offs_m[None, :], offs_n[:, None], L, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if HAS_SOFTCAP:
@@ -356,24 +352,17 @@ def _bwd_dkdv_kernel(
 ):
     kvh = tl.program_id(0)
     seq = tl.program_id(1)
+    pid_n = tl.program_id(2)  # causal: the first key blocks see the most queries and start first
     start = tl.load(CU + seq)
     L = tl.load(CU + seq + 1) - start
-    if CAUSAL:
-        # Key blocks counted from the sequence's end: block e covers [L - (e + 1) BLOCK_N, L - e BLOCK_N) (the first
-        # one of a sequence is partial, its columns below 0 masked) and sees (e + 1) BLOCK_N queries, whatever the
-        # sequence's length. Launched with e descending, the programs start heaviest first across all sequences.
-        n0 = L - (tl.num_programs(2) - tl.program_id(2)) * BLOCK_N
-        if n0 <= -BLOCK_N:
-            return
-    else:
-        n0 = tl.program_id(2) * BLOCK_N  # every key block sees the whole sequence
-        if n0 >= L:
-            return
+    n0 = pid_n * BLOCK_N
+    if n0 >= L:
+        return
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    n_ok = (offs_n >= 0) & (offs_n < L)
+    n_ok = offs_n < L
     tok_n = (start + offs_n).to(tl.int64)
     k = _load(K + tok_n[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :], n_ok[:, None], d_ok[None, :],
               True, MASK_D)
@@ -381,21 +370,19 @@ def _bwd_dkdv_kernel(
               True, MASK_D)
     qk_scale = sm_scale * LOG2E
 
-    # query-block ranges: [lo, clean_lo) masked, [clean_lo, clean_hi) unmasked, [clean_hi, hi) masked. Causal: the
-    # query blocks start at n0 (below 0 for a sequence's first key block: those rows are masked), so with BLOCK_N a
-    # multiple of BLOCK_M none straddles the diagonal's far side or the sequence's end.
+    # query-block ranges: [lo, clean_lo) masked, [clean_lo, clean_hi) unmasked, [clean_hi, hi) masked
     n_last = tl.minimum(n0 + BLOCK_N, L) - 1
     if CAUSAL:
-        lo = n0
-        clean_lo = n0 + (BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # m0 >= n0 + BLOCK_N - 1
+        lo = n0 // BLOCK_M * BLOCK_M
+        clean_lo = (n0 + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M  # m0 >= n0 + BLOCK_N - 1
     else:
         lo = n0 * 0
         clean_lo = n0 * 0
     hi = L
-    clean_hi = lo + (L - lo) // BLOCK_M * BLOCK_M  # m0 + BLOCK_M <= L
+    clean_hi = L // BLOCK_M * BLOCK_M  # m0 + BLOCK_M <= L
     if HAS_WINDOW:
         hi = tl.minimum(L, n_last + window)
-        clean_hi = tl.minimum(clean_hi, lo + (n0 + window - lo) // BLOCK_M * BLOCK_M)  # m0 + BLOCK_M - 1 - n0 < window
+        clean_hi = tl.minimum(clean_hi, (n0 + window) // BLOCK_M * BLOCK_M)  # m0 + BLOCK_M - 1 - n0 < window
     clean_lo = tl.minimum(clean_lo, hi)
     clean_hi = tl.maximum(tl.minimum(clean_hi, hi), clean_lo)
     # keys past the end (zeros) in an unmasked block only touch their own dK/dV rows, which are never stored
