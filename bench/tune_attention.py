@@ -2,8 +2,7 @@
 
 Each kernel (forward, dK/dV, dQ) is timed alone over a fixed list of candidate configurations (query block,
 key block, warps, pipeline stages, and whether the streamed operand is loaded by TMA), on the two row kinds that training sees: packed rows (sequences of 100-2000
-tokens, the table's "short" entries; timed at 8k and at 16k tokens; the 8k case alone also scores the
-"short_small" entries, which calls of up to ``SMALL_TOKENS`` tokens use) and one dense causal row of 8k tokens
+tokens, the table's "short" entries; timed at 8k and at 16k tokens) and one dense causal row of 8k tokens
 ("long"). 32 query / 8 KV heads, bfloat16. A candidate counts only if it compiles, fits and gives the same result
 as the default configuration (within bf16 rounding) in every case of its row kind; the one with the least time
 summed over those cases is the table's entry for (kernel, head dim, dtype width, row kind). (In one run on an H200, the
@@ -160,26 +159,17 @@ def tune(case, kernel, rep, candidates=None) -> list[dict]:
 
 
 
-def _keys(row, element_size, fa) -> list[str]:
-    """The table keys a timed case scores for: its row kind's, and a small packed call's "short_small" too."""
-    base = f"{row['kernel']}/d{fa._dim_class(row['head_dim'])}/{8 * element_size}bit/"
-    buckets = [row["bucket"]]
-    if row["bucket"] == "short" and row["tokens"] <= fa.SMALL_TOKENS:
-        buckets.append("short_small")
-    return [base + bucket for bucket in buckets]
-
-
 def summed_times(rows, element_size, fa) -> dict:
-    """(table key, config) -> time summed over the cases of that key, for configs timed in all of them."""
+    """(table key, config) -> time summed over the cases of its row kind, for configs timed in all of them."""
     cases, times = {}, {}
     for row in rows:
+        key = f"{row['kernel']}/d{fa._dim_class(row['head_dim'])}/{8 * element_size}bit/{row['bucket']}"
         cfg = tuple(row.get(k, False) for k in CONFIG_KEYS)  # rows from before TMA candidates: pointer kernels
-        for key in _keys(row, element_size, fa):
-            cases.setdefault(key, set()).add((row["kind"], row["tokens"]))
-            if "ms" in row:
-                entry = times.setdefault((key, cfg), [0.0, 0])
-                entry[0] += row["ms"]
-                entry[1] += 1
+        cases.setdefault(key, set()).add((row["kind"], row["tokens"]))
+        if "ms" in row:
+            entry = times.setdefault((key, cfg), [0.0, 0])
+            entry[0] += row["ms"]
+            entry[1] += 1
     return {(key, cfg): total for (key, cfg), (total, n) in times.items() if n == len(cases[key])}
 
 

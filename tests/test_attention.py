@@ -459,8 +459,7 @@ def test_gpu_backward_is_deterministic_bf16():
 
 def test_cuda_kernel_config_is_the_table_entry_or_the_default(monkeypatch):
     """kernel_config on a CUDA card (looked up once per case, it runs before every launch) answers what the tuned
-    table says for (kernel, head dim, dtype width, row kind; a small packed call without its own entry takes the
-    packed one), else the defaults. No GPU needed: the card is named."""
+    table says for (kernel, head dim, dtype width, row kind), else the defaults. No GPU needed: the card is named."""
     from fastsft import backends
     from fastsft.triton_kernels import flash_attention as fa
 
@@ -470,16 +469,11 @@ def test_cuda_kernel_config_is_the_table_entry_or_the_default(monkeypatch):
     for kernel in ("fwd", "dkdv", "dq"):
         for head_dim in (64, 96, 128, 256):
             for element_size in (2, 4):
-                for max_seqlen, tokens in ((2048, 16384), (2048, fa.SMALL_TOKENS), (2048, None),
-                                           (fa.LONG_SEQLEN + 1, 8192)):
-                    key = fa.table_key(kernel, head_dim, element_size, max_seqlen, tokens)
-                    assert key.endswith("/long" if max_seqlen > fa.LONG_SEQLEN else
-                                        "/short_small" if tokens == fa.SMALL_TOKENS else "/short")
-                    tuned = table.get(key, table.get(key.replace("/short_small", "/short")))
+                for max_seqlen in (2048, fa.LONG_SEQLEN + 1):
+                    tuned = table.get(fa.table_key(kernel, head_dim, element_size, max_seqlen))
                     defaults = fa._FLOAT32 if element_size > 2 else fa._DEFAULTS
                     want = dict(tuned) if tuned is not None else dict(defaults[(kernel, fa._dim_class(head_dim))])
-                    args = (kernel, head_dim, torch.device("cuda", 0), element_size, max_seqlen, tokens)
-                    got = fa.kernel_config(*args)
+                    got = fa.kernel_config(kernel, head_dim, torch.device("cuda", 0), element_size, max_seqlen)
                     assert got == want
                     got["BLOCK_M"] = -1  # a caller's change must not reach the next call
-                    assert fa.kernel_config(*args) == want
+                    assert fa.kernel_config(kernel, head_dim, torch.device("cuda", 0), element_size, max_seqlen) == want

@@ -47,12 +47,3 @@ def test_rows_without_a_tma_field_count_as_pointer_configs():
     old = {"kernel": "dq", "head_dim": 128, "kind": "dense", "tokens": 8192, "bucket": "long", "ms": 1.0,
            "BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     assert tune.summed_times([old], 2, fa) == {("dq/d128/16bit/long", (128, 64, 8, 3, False)): 1.0}
-
-
-def test_a_small_packed_case_also_scores_the_short_small_entry():
-    a, b = (64, 64, 4, 3, True), (32, 64, 4, 3, False)
-    rows = [_row("dkdv", "packed", 8192, "short", a, 0.49), _row("dkdv", "packed", 16384, "short", a, 1.09),
-            _row("dkdv", "packed", 8192, "short", b, 0.52), _row("dkdv", "packed", 16384, "short", b, 1.05)]
-    best = tune.best_by_key(rows, 2, fa)
-    assert best["dkdv/d128/16bit/short"] == (dict(zip(tune.CONFIG_KEYS, b)), 0.52 + 1.05)
-    assert best["dkdv/d128/16bit/short_small"] == (dict(zip(tune.CONFIG_KEYS, a)), 0.49)

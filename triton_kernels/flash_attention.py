@@ -421,11 +421,6 @@ def _bwd_dkdv_kernel(
 
 TABLE_NAME = "attention_kernel_table.json"  # in the fastsft package, next to backend_table.json
 LONG_SEQLEN = 2048  # max_seqlen above this uses the table's "long" entries (dense rows), else "short" (packed)
-# Packed calls of at most this many tokens use the table's "short_small" entries where the card has them (tuned on
-# packed 8k tokens alone; "short" is tuned on 8k + 16k). Their grids run few waves and finish on their longest
-# programs, so the faster program can win where the higher throughput wins on a larger call: on an H200 the dK/dV
-# kernel with TMA loads was 5% faster at packed 8k tokens and 3% slower at 16k, in two runs.
-SMALL_TOKENS = 12288
 
 # bf16/fp16 on a card not in the table: per kernel and head dim, the configuration with the best time summed over
 # packed and dense rows in the H200 tuning at 15488c7 (bench/results/tune_attention.json at that commit). BLOCK_M is
@@ -469,41 +464,32 @@ def _dim_class(head_dim: int) -> int:
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
-def _bucket(max_seqlen: int, tokens: int | None) -> str:
-    if max_seqlen > LONG_SEQLEN:
-        return "long"
-    return "short_small" if tokens is not None and tokens <= SMALL_TOKENS else "short"
-
-
-def table_key(kernel: str, head_dim: int, element_size: int, max_seqlen: int, tokens: int | None = None) -> str:
-    """The table entry's name: kernel, head-dim class, dtype width, row kind ("long", "short", "short_small")."""
-    return f"{kernel}/d{_dim_class(head_dim)}/{8 * element_size}bit/{_bucket(max_seqlen, tokens)}"
+def table_key(kernel: str, head_dim: int, element_size: int, max_seqlen: int) -> str:
+    bucket = "long" if max_seqlen > LONG_SEQLEN else "short"
+    return f"{kernel}/d{_dim_class(head_dim)}/{8 * element_size}bit/{bucket}"
 
 
 def kernel_config(kernel: str, head_dim: int, device: torch.device, element_size: int = 2,
-                  max_seqlen: int = 0, tokens: int | None = None) -> dict:
-    """BLOCK_M (queries), BLOCK_N (keys), num_warps, num_stages (and ``tma``, where the table says) of ``kernel``
-    ("fwd", "dkdv" or "dq") for a call of ``tokens`` tokens whose longest sequence has ``max_seqlen``."""
+                  max_seqlen: int = 0) -> dict:
+    """BLOCK_M (queries), BLOCK_N (keys), num_warps, num_stages of ``kernel`` ("fwd", "dkdv" or "dq")."""
     if device.type != "cuda":
         return dict(_INTERPRETER[kernel])
     from fastsft.backends import card_name
 
     card = card_name(device.index if device.index is not None else torch.cuda.current_device())
-    return dict(_cuda_config(kernel, _dim_class(head_dim), element_size, _bucket(max_seqlen, tokens), card))
+    return dict(_cuda_config(kernel, _dim_class(head_dim), element_size, max_seqlen > LONG_SEQLEN, card))
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_config(kernel: str, dim_class: int, element_size: int, bucket: str, card: str) -> tuple:
+def _cuda_config(kernel: str, dim_class: int, element_size: int, long: bool, card: str) -> tuple:
     """:func:`kernel_config`'s answer on a CUDA card, looked up once per case (it runs before every launch; the
-    table, read once per process, does not change under it). A "short_small" call takes the "short" entry where
-    the card has no "short_small" one."""
+    table, read once per process, does not change under it)."""
     from fastsft.backends import TABLE_PATH, load_table
 
-    entries = load_table(TABLE_PATH.with_name(TABLE_NAME)).get("cards", {}).get(card, {})
-    for name in (bucket, "short") if bucket == "short_small" else (bucket,):
-        tuned = entries.get(f"{kernel}/d{dim_class}/{8 * element_size}bit/{name}")
-        if tuned is not None:
-            return tuple(tuned.items())
+    key = table_key(kernel, dim_class, element_size, LONG_SEQLEN + 1 if long else 0)
+    tuned = load_table(TABLE_PATH.with_name(TABLE_NAME)).get("cards", {}).get(card, {}).get(key)
+    if tuned is not None:
+        return tuple(tuned.items())
     defaults = _FLOAT32 if element_size > 2 else _DEFAULTS
     return tuple(defaults[(kernel, dim_class)].items())
 
@@ -634,7 +620,7 @@ def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     lse = _empty((hq, total), q, torch.float32)
     if total == 0 or cu_seqlens.shape[0] < 2 or max_seqlen <= 0 or _no_launch(q):
         return out, lse
-    cfg = kernel_config("fwd", d, q.device, q.element_size(), max_seqlen, total)
+    cfg = kernel_config("fwd", d, q.device, q.element_size(), max_seqlen)
     launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg)
     return out, lse
 
@@ -657,7 +643,7 @@ def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     delta = _empty((hq, total), q, torch.float32)
     args = (cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
     launch_dq(out, dout, q, k, v, lse, delta, dq, *args,
-              kernel_config("dq", d, q.device, q.element_size(), max_seqlen, total))
+              kernel_config("dq", d, q.device, q.element_size(), max_seqlen))
     launch_dkdv(dout, q, k, v, lse, delta, dk, dv, *args,
-                kernel_config("dkdv", d, q.device, q.element_size(), max_seqlen, total))
+                kernel_config("dkdv", d, q.device, q.element_size(), max_seqlen))
     return dq, dk, dv
