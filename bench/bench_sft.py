@@ -157,7 +157,8 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
         gradient_checkpointing=a.checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if a.checkpointing else None,
         packing=a.packing, max_length=a.max_length, include_num_input_tokens_seen="non_padding",
-        use_liger_kernel=provider == "trl-liger", dataloader_num_workers=0, seed=0, data_seed=0, optim="adamw_torch")
+        use_liger_kernel=provider == "trl-liger", dataloader_num_workers=0, seed=0, data_seed=0,
+        optim=getattr(a, "optim", DEFAULT_OPTIM))
     rank = getattr(a, "rank", 16)
     lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=data,
@@ -256,6 +257,21 @@ def utilization(row: dict, flop: dict, tflops: float | None) -> dict:
     return out
 
 
+# The committed results use multi-tensor ("foreach") AdamW; transformers' own default since torch 2.8 is the fused
+# one (adamw_torch_fused), whose step is a few kernels with no per-parameter Python on the host.
+DEFAULT_OPTIM = "adamw_torch"
+
+
+def add_optim_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--optim", default=DEFAULT_OPTIM,
+                        help=f"transformers' optim name (default {DEFAULT_OPTIM}; result names gain it otherwise)")
+
+
+def optim_suffix(a: argparse.Namespace) -> str:
+    optim = getattr(a, "optim", DEFAULT_OPTIM)
+    return "" if optim == DEFAULT_OPTIM else f"_{optim}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="llama-1b")
@@ -269,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    add_optim_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default=None,
                         help="result file name (default: sft_<model>[_packing][_qlora][_<seq len>])")
@@ -313,15 +330,15 @@ def main(argv=None) -> int:
     for row in rows:
         row.update(utilization(row, flop, tflops))
     name = a.name or (f"sft_{a.model}{'_packing' if a.packing else ''}{'_qlora' if a.qlora else ''}"
-                      f"{'' if a.max_length == 2048 else f'_{a.max_length}'}")
+                      f"{'' if a.max_length == 2048 else f'_{a.max_length}'}{optim_suffix(a)}")
     harness.write(rows, a.out, name,
                   ["provider", "model", "packing", "qlora", "batch", "max_length", "tokens_per_s",
                    "median_step_tokens_per_s", "step_ms_median", "step_ms_max", "mfu", "hfu", "peak_GiB",
                    "first_losses", "wall_s", "error"],
                   f"SFT end to end: {a.model}{', QLoRA' if a.qlora else ''}, "
                   f"{'packing' if a.packing else 'no packing'}, batch {a.batch}, max_length {a.max_length}, LoRA r=16, "
-                  f"checkpointing {a.checkpointing}",
-                  extra={"matmul_tflops": tflops, "gflop_per_token": flop["model"] / 1e9,
+                  f"checkpointing {a.checkpointing}, {a.optim}",
+                  extra={"optim": a.optim, "matmul_tflops": tflops, "gflop_per_token": flop["model"] / 1e9,
                          "hardware_gflop_per_token": flop["hardware"] / 1e9,
                          "attention_pairs_per_token": flop["attention_pairs_per_token"],
                          "flop_convention": "mfu: model FLOPs (frozen base: fwd + input grads, LoRA fwd + grads, "

@@ -348,6 +348,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2, help="steps profiled and discarded, after the first")
     parser.add_argument("--steps", type=int, default=3, help="active (analysed) steps")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    bench_sft.add_optim_argument(parser)
     parser.add_argument("--top", type=int, default=10, help="gaps and kernels listed")
     parser.add_argument("--trace", type=Path, default=None, help="also write the chrome trace (.json.gz) here")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -356,16 +357,17 @@ def main(argv=None) -> dict:
     if a.steps < 1:
         parser.error("--steps: at least one active step")
     a.packing = True  # the criterion is about packed steps
-    a.name = a.name or f"profile_{a.model}_{a.provider}_b{a.batch}_{a.max_length}"
+    a.name = a.name or f"profile_{a.model}_{a.provider}_b{a.batch}_{a.max_length}{bench_sft.optim_suffix(a)}"
 
     result = profile(a)
     config = {"model": a.model, "provider": a.provider, "batch": a.batch, "max_length": a.max_length,
-              "packing": True, "checkpointing": a.checkpointing, "warmup": a.warmup, "active_steps": a.steps}
+              "packing": True, "checkpointing": a.checkpointing, "optim": a.optim, "warmup": a.warmup,
+              "active_steps": a.steps}
     rows = [dict(config, **s) for s in result["steps"]]
     harness.write(rows, a.out, a.name, ["provider", "model", "batch", "max_length", "step", "wall_ms", "busy_ms",
                                         "busy_fraction", "device_events"],
                   f"GPU busy fraction of packed SFT steps: {a.provider}, {a.model}, batch {a.batch}, "
-                  f"max_length {a.max_length}, checkpointing {a.checkpointing}",
+                  f"max_length {a.max_length}, checkpointing {a.checkpointing}, {a.optim}",
                   extra={"config": config, **{k: v for k, v in result.items() if k != "steps"}})
     with open(a.out / f"{a.name}.md", "a") as f:
         f.write(_md_sections(result))

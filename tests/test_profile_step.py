@@ -131,3 +131,21 @@ def test_tiny_profiled_run_on_the_cpu(tmp_path):
     assert "## Largest gaps" in md and "Note: no CUDA" in md
     assert (tmp_path / "trace" / "profile_tiny_fastsft_b2_512.pt.trace.json.gz").stat().st_size > 0
     assert result["step_ms_median"] > 0
+
+
+@pytest.mark.slow
+def test_optim_reaches_the_trainer_and_the_result_name(tmp_path, monkeypatch):
+    seen = []
+    real = ps.bench_sft.make_trainer
+
+    def make_trainer(*args, **kwargs):
+        trainer = real(*args, **kwargs)
+        seen.append(trainer.args.optim)
+        return trainer
+
+    monkeypatch.setattr(ps.bench_sft, "make_trainer", make_trainer)
+    ps.main(["--model", "tiny", "--batch", "1", "--max-length", "256", "--warmup", "1", "--steps", "1",
+             "--optim", "adamw_torch_fused", "--out", str(tmp_path)])
+    assert len(seen) == 1 and getattr(seen[0], "value", seen[0]) == "adamw_torch_fused"
+    data = json.loads((tmp_path / "profile_tiny_fastsft_b1_256_adamw_torch_fused.json").read_text())
+    assert data["config"]["optim"] == "adamw_torch_fused"
