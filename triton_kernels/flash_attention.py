@@ -95,6 +95,40 @@ def _band(rows, cols, L, window, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr)
 # --- forward -------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _softmax_step(s, m_i, l_i, offs_m, offs_n, L, qk_scale, sm_scale, softcap, window,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """One key block of the online softmax, from the raw scores ``s`` = q.k: (p, the running sum's rescale alpha,
+    the new running sum, the new running max), in base 2."""
+    if MASK or HAS_SOFTCAP:
+        s, _ = _scores(s, qk_scale, sm_scale, softcap, HAS_SOFTCAP)
+        if MASK:
+            s = tl.where(_band(offs_m[:, None], offs_n[None, :], L, window, CAUSAL, HAS_WINDOW), s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASK:  # a row may have seen no key yet: subtract 0 instead of -inf
+            m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.exp2(s - m_sub[:, None])
+    else:  # the common case: the scale folds into one multiply-add per score
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_sub = m_new
+        p = tl.exp2(s * qk_scale - m_sub[:, None])
+    alpha = tl.exp2(m_i - m_sub)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _query_block(CU, BLOCK_M: tl.constexpr):
+    """This program's sequence (start, length) and query block's first row, the block index counted down so that
+    the longest causal blocks start first. The caller exits when the row is past the sequence's end."""
+    seq = tl.program_id(1)
+    block = tl.num_programs(2) - 1 - tl.program_id(2)
+    start = tl.load(CU + seq)
+    L = tl.load(CU + seq + 1) - start
+    return start, L, block * BLOCK_M
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, d_ok, L, lo, hi,
                qk_scale, sm_scale, softcap, window,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -107,23 +141,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         n_ok = offs_n < L
         k_t = _load(k_ptrs, n_ok[None, :], d_ok[:, None], MASK, MASK_D)
         s = tl.dot(q, k_t, input_precision=DOT_PRECISION)
-        if MASK or HAS_SOFTCAP:
-            s, _ = _scores(s, qk_scale, sm_scale, softcap, HAS_SOFTCAP)
-            if MASK:
-                s = tl.where(_band(offs_m[:, None], offs_n[None, :], L, window, CAUSAL, HAS_WINDOW), s,
-                             -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            if MASK:  # a row may have seen no key yet: subtract 0 instead of -inf
-                m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
-            else:
-                m_sub = m_new
-            p = tl.exp2(s - m_sub[:, None])
-        else:  # the common case: the scale folds into one multiply-add per score
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_sub = m_new
-            p = tl.exp2(s * qk_scale - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i, offs_m, offs_n, L, qk_scale, sm_scale, softcap, window,
+                                             MASK, CAUSAL, HAS_WINDOW, HAS_SOFTCAP)
         v = _load(v_ptrs, n_ok[:, None], d_ok[None, :], MASK, MASK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -165,11 +184,7 @@ def _flash_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     h = tl.program_id(0)
-    seq = tl.program_id(1)
-    pid_m = tl.num_programs(2) - 1 - tl.program_id(2)  # causal: the longest query blocks start first
-    start = tl.load(CU + seq)
-    L = tl.load(CU + seq + 1) - start
-    m0 = pid_m * BLOCK_M
+    start, L, m0 = _query_block(CU, BLOCK_M)
     if m0 >= L:
         return
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
@@ -249,11 +264,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     h = tl.program_id(0)
-    seq = tl.program_id(1)
-    pid_m = tl.num_programs(2) - 1 - tl.program_id(2)  # causal: the longest query blocks start first
-    start = tl.load(CU + seq)
-    L = tl.load(CU + seq + 1) - start
-    m0 = pid_m * BLOCK_M
+    start, L, m0 = _query_block(CU, BLOCK_M)
     if m0 >= L:
         return
     MASK_D: tl.constexpr = HEAD_DIM != BLOCK_D
@@ -300,6 +311,26 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_step(dk, dv, k, v, q_t, do, lse2, delta, offs_m, offs_n, L, qk_scale, sm_scale, softcap, window,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One query block's share of a key block's dK and dV: K, V [N, D], Q^T [D, M], dO [M, D], and the query rows'
+    log-sum-exp (base 2) and delta."""
+    # dP before S: Triton waits for each product right after issuing it, except an accumulating one, so the dV
+    # product below then runs while dS is computed (dense 8k tokens on an H200: 2.36 against 2.49 ms)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
+    s_t, t = _scores(tl.dot(k, q_t, input_precision=DOT_PRECISION), qk_scale, sm_scale, softcap, HAS_SOFTCAP)
+    p_t = tl.exp2(s_t - lse2[None, :])  # [N, M]
+    if MASK:
+        p_t = tl.where(_band(offs_m[None, :], offs_n[:, None], L, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    ds_t = p_t * (dp_t - delta[None, :])
+    if HAS_SOFTCAP:
+        ds_t = ds_t * (1.0 - t * t)
+    return tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION), dv
+
+
+@triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_qh, stride_dot, stride_doh,
                     total, group, offs_n, offs_d, d_ok, L, lo, hi, qk_scale, sm_scale, softcap, window,
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -326,18 +357,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
             delta = tl.load(delta_ptrs, mask=m_ok, other=0.0)
         else:
             delta = tl.load(delta_ptrs)
-        # dP before S: Triton waits for each product right after issuing it, except an accumulating one, so the
-        # dV product below then runs while dS is computed (dense 8k tokens on an H200: 2.36 against 2.49 ms)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
-        s_t, t = _scores(tl.dot(k, q_t, input_precision=DOT_PRECISION), qk_scale, sm_scale, softcap, HAS_SOFTCAP)
-        p_t = tl.exp2(s_t - lse2[None, :])  # [N, M]
-        if MASK:
-            p_t = tl.where(_band(offs_m[None, :], offs_n[:, None], L, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if HAS_SOFTCAP:
-            ds_t = ds_t * (1.0 - t * t)
-        dk = tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), dk, input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_step(dk, dv, k, v, q_t, do, lse2, delta, offs_m, offs_n, L, qk_scale, sm_scale, softcap,
+                            window, MASK, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
     return dk, dv
 
 

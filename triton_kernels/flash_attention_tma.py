@@ -21,7 +21,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastsft.triton_kernels.flash_attention import (LN2, LOG2E, PER_BATCH_ARGS, _band, _flags, _grid, _key_ranges,
-                                                    _scores)
+                                                    _dkdv_step, _query_block, _scores, _softmax_step)
 from fastsft.triton_kernels.launch import launcher, next_power_of_2
 
 
@@ -54,23 +54,8 @@ def _fwd_inner_tma(acc, l_i, m_i, q, desc_k, desc_v, row0, col, offs_m, L, lo, h
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = desc_k.load([row0 + start_n, col])  # [N, D]; rows past this sequence belong to the next one (or are 0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if MASK or HAS_SOFTCAP:
-            s, _ = _scores(s, qk_scale, sm_scale, softcap, HAS_SOFTCAP)
-            if MASK:
-                s = tl.where(_band(offs_m[:, None], offs_n[None, :], L, window, CAUSAL, HAS_WINDOW), s,
-                             -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            if MASK:
-                m_sub = tl.where(m_new == -float("inf"), 0.0, m_new)
-            else:
-                m_sub = m_new
-            p = tl.exp2(s - m_sub[:, None])
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_sub = m_new
-            p = tl.exp2(s * qk_scale - m_sub[:, None])
-        alpha = tl.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = _softmax_step(s, m_i, l_i, offs_m, offs_n, L, qk_scale, sm_scale, softcap, window,
+                                             MASK, CAUSAL, HAS_WINDOW, HAS_SOFTCAP)
         v = desc_v.load([row0 + start_n, col])
         if MASK:  # the next sequence's values stay out even where they are not finite
             v = tl.where((offs_n < L)[:, None], v, 0.0)
@@ -89,11 +74,7 @@ def _flash_fwd_tma_kernel(
 ):
     tl.static_assert(HEAD_DIM == BLOCK_D)
     h = tl.program_id(0)
-    seq = tl.program_id(1)
-    pid_m = tl.num_programs(2) - 1 - tl.program_id(2)
-    start = tl.load(CU + seq)
-    L = tl.load(CU + seq + 1) - start
-    m0 = pid_m * BLOCK_M
+    start, L, m0 = _query_block(CU, BLOCK_M)
     if m0 >= L:
         return
     kvh = h // group
@@ -178,11 +159,7 @@ def _dq_tma_kernel(
 ):
     tl.static_assert(HEAD_DIM == BLOCK_D)
     h = tl.program_id(0)
-    seq = tl.program_id(1)
-    pid_m = tl.num_programs(2) - 1 - tl.program_id(2)
-    start = tl.load(CU + seq)
-    L = tl.load(CU + seq + 1) - start
-    m0 = pid_m * BLOCK_M
+    start, L, m0 = _query_block(CU, BLOCK_M)
     if m0 >= L:
         return
     kvh = h // group
@@ -248,17 +225,8 @@ def _dkdv_inner_tma(dk, dv, k, v, desc_q, desc_do, lse_base, delta_base, row0, h
         else:
             lse2 = tl.load(lse_ptrs) * LOG2E
             delta = tl.load(delta_ptrs)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [N, M]
-        s_t, t = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), qk_scale, sm_scale, softcap,
-                         HAS_SOFTCAP)
-        p_t = tl.exp2(s_t - lse2[None, :])
-        if MASK:
-            p_t = tl.where(_band(offs_m[None, :], offs_n[:, None], L, window, CAUSAL, HAS_WINDOW), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if HAS_SOFTCAP:
-            ds_t = ds_t * (1.0 - t * t)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_step(dk, dv, k, v, tl.trans(q), do, lse2, delta, offs_m, offs_n, L, qk_scale, sm_scale,
+                            softcap, window, MASK, CAUSAL, HAS_WINDOW, HAS_SOFTCAP, DOT_PRECISION)
     return dk, dv
 
 
