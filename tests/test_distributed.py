@@ -146,6 +146,13 @@ if __name__ == "__main__":
         _fsdp2_head_worker(out)
     else:
         raise SystemExit(f"unknown worker role {role}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # accelerate's gloo group, left to the interpreter's exit, once aborted a rank there after its work was
+        # done ("terminate called without an active exception", CI at bbf15bd): end it here, ranks together
+        dist.barrier()
+        dist.destroy_process_group()
     sys.exit(0)
 
 
