@@ -1,12 +1,13 @@
 """Tune the Triton flash-attention kernels' launch configurations on this card and store the fastest.
 
 Each kernel (forward, dK/dV, dQ) is timed alone over a fixed list of candidate configurations (query block,
-key block, warps, pipeline stages, and whether the streamed operand is loaded by TMA), on the two row kinds that training sees: packed rows (sequences of 100-2000
-tokens, the table's "short" entries; timed at 8k and at 16k tokens) and one dense causal row of 8k tokens
-("long"). 32 query / 8 KV heads, bfloat16. A candidate counts only if it compiles, fits and gives the same result
-as the default configuration (within bf16 rounding) in every case of its row kind; the one with the least time
-summed over those cases is the table's entry for (kernel, head dim, dtype width, row kind). (In one run on an H200, the
-dK/dV configuration 7% faster at packed 8k was 6% slower at 16k.)
+key block, warps, pipeline stages, and whether the streamed operand is loaded by TMA), on the two row kinds that
+training sees: packed rows (sequences of 100-2000 tokens, the table's "short" entries; timed at 8k and at 16k
+tokens) and one dense causal row of 8k tokens ("long"). 32 query / 8 KV heads, bfloat16. A candidate counts only
+if it compiles, fits and gives the same result as the default configuration (within bf16 rounding) in every case
+of its row kind; the one with the least time summed over those cases is the table's entry for (kernel, head dim,
+dtype width, row kind). (In one run on an H200, the dK/dV configuration 7% faster at packed 8k was 6% slower at
+16k.)
 
     python -m bench.tune_attention --out bench/results [--quick] [--write-table]
 
@@ -155,8 +156,6 @@ def tune(case, kernel, rep, candidates=None) -> list[dict]:
         shown = f"{row['ms']:.4f} ms" if "ms" in row else row["error"][:100]
         print(f"{case.kind:6s} d={case.d:3d} {kernel:4s} {candidate}: {shown}", flush=True)
     return rows
-
-
 
 
 def summed_times(rows, element_size, fa) -> dict:

@@ -573,21 +573,22 @@ def _grid(heads: int, cu_seqlens: torch.Tensor, max_seqlen: int, block: int) -> 
 # The launchers take explicit configs so that the tuner (bench/tune_attention.py) can time each kernel alone (inside
 # launch.direct_launch(), as eager calls of the ops run).
 
-def _tma(cfg, *tensors) -> bool:
-    """Whether this launch takes the TMA kernels (flash_attention_tma): the config asks for them, the kernels run
-    as launched (``wrap_triton``'s tracing is not given tensor descriptors) and the inputs allow it."""
+def _tma(cfg, *tensors):
+    """The TMA kernels' module (flash_attention_tma) when this launch takes them, else None: the config asks for
+    them, the kernels run as launched (``wrap_triton``'s tracing is not given tensor descriptors) and the inputs
+    allow it."""
     if not cfg.get("tma") or not launching_directly():
-        return False
+        return None
     from fastsft.triton_kernels import flash_attention_tma
 
-    return flash_attention_tma.usable(tensors[0].device, *tensors)
+    return flash_attention_tma if flash_attention_tma.usable(tensors[0].device, *tensors) else None
 
 
 def launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg):
-    if _tma(cfg, k, v):
-        from fastsft.triton_kernels.flash_attention_tma import launch_fwd_tma
-
-        return launch_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg)
+    tma = _tma(cfg, k, v)
+    if tma is not None:
+        return tma.launch_fwd_tma(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap,
+                                  cfg)
     grid = _grid(q.shape[1], cu_seqlens, max_seqlen, cfg["BLOCK_M"])
     launcher(_flash_fwd_kernel)[grid](
         q, k, v, out, lse, cu_seqlens,
@@ -597,11 +598,10 @@ def launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal,
 
 def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap,
                 cfg):
-    if _tma(cfg, q, dout):
-        from fastsft.triton_kernels.flash_attention_tma import launch_dkdv_tma
-
-        return launch_dkdv_tma(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softmax_scale, causal,
-                               window, softcap, cfg)
+    tma = _tma(cfg, q, dout)
+    if tma is not None:
+        return tma.launch_dkdv_tma(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softmax_scale,
+                                   causal, window, softcap, cfg)
     grid = _grid(k.shape[1], cu_seqlens, max_seqlen, cfg["BLOCK_N"])
     launcher(_bwd_dkdv_kernel)[grid](
         q, k, v, dout, dk, dv, lse, delta, cu_seqlens,
@@ -613,11 +613,10 @@ def launch_dkdv(dout, q, k, v, lse, delta, dk, dv, cu_seqlens, max_seqlen, softm
 def launch_dq(out, dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap,
               cfg):
     """dQ, and ``delta`` (rowsum(dout * out), float32 [Hq, total]) for the dK/dV kernel: launch this one first."""
-    if _tma(cfg, k, v):
-        from fastsft.triton_kernels.flash_attention_tma import launch_dq_tma
-
-        return launch_dq_tma(out, dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softmax_scale, causal,
-                             window, softcap, cfg)
+    tma = _tma(cfg, k, v)
+    if tma is not None:
+        return tma.launch_dq_tma(out, dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softmax_scale, causal,
+                                 window, softcap, cfg)
     grid = _grid(q.shape[1], cu_seqlens, max_seqlen, cfg["BLOCK_M"])
     launcher(_bwd_dq_kernel)[grid](
         q, k, v, out, dout, dq, lse, delta, cu_seqlens,

@@ -138,11 +138,12 @@ def _dq_inner_tma(dq, q, do, lse2, delta, desc_k, desc_v, row0, col, offs_m, L, 
                        HAS_SOFTCAP)
         p = tl.exp2(s - lse2[:, None])
         if MASK:
-            p = tl.where(_band(offs_m[:, None], offs_n[None, :], L, window, CAUSAL, HAS_WINDOW), p, 0.0)
+            keep = _band(offs_m[:, None], offs_n[None, :], L, window, CAUSAL, HAS_WINDOW)
+            p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        if MASK:
-            ds = tl.where(_band(offs_m[:, None], offs_n[None, :], L, window, CAUSAL, HAS_WINDOW), ds, 0.0)
+        if MASK:  # again: the next sequence's V rows may make dP inf, and 0 * inf is not 0
+            ds = tl.where(keep, ds, 0.0)
         if HAS_SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)

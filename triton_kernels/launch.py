@@ -40,7 +40,7 @@ def launching_directly() -> bool:
 
 def launcher(kernel):
     """``kernel`` to index with a grid and call: itself inside :func:`direct_launch`, else ``wrap_triton(kernel)``."""
-    return kernel if getattr(_direct, "on", False) else wrap_triton(kernel)
+    return kernel if launching_directly() else wrap_triton(kernel)
 
 
 def next_power_of_2(n: int) -> int:
