@@ -35,3 +35,8 @@ def model_dir(tmp_path_factory):
     demo_model(**SMALL_DEMO).save_pretrained(path)
     demo_tokenizer().save_pretrained(path)
     return str(path)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "grid: the whole GPU test grid of an op (one device call); routine GPU runs "
+                                       "take the quick subset with -m 'not grid'")

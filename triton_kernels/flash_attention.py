@@ -338,9 +338,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_
     """Query blocks [lo, hi) of every query head of the group, as one loop: a packed sequence's ranges are only a
     few blocks long, and one loop per head would refill the software pipeline for each of them."""
     blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    # The software pipeline computes the first iteration's addresses before it tests the loop bound; a range with
+    # no block (every non-causal program's first one) must not divide by zero there: the quotient is undefined
+    per_head = tl.maximum(blocks, 1)
     for it in range(0, group * blocks):
-        g = it // blocks
-        offs_m = lo + (it - g * blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        g = it // per_head
+        offs_m = lo + (it - g * per_head) * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = offs_m.to(tl.int64)
         m_ok = offs_m < L
         q_t = _load(q_base + g * stride_qh + rows[None, :] * stride_qt + offs_d[:, None], m_ok[None, :],

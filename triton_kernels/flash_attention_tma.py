@@ -209,9 +209,10 @@ def _dkdv_inner_tma(dk, dv, k, v, desc_q, desc_do, lse_base, delta_base, row0, h
                     MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     blocks = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    per_head = tl.maximum(blocks, 1)  # see _bwd_dkdv_inner: an empty range must not divide by zero
     for it in range(0, group * blocks):
-        g = it // blocks
-        m = lo + (it - g * blocks) * BLOCK_M
+        g = it // per_head
+        m = lo + (it - g * per_head) * BLOCK_M
         offs_m = m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < L
         q = desc_q.load([row0 + m, (h0 + g) * HEAD_DIM])  # [M, D]
