@@ -99,29 +99,36 @@ _checked = LastTensorCache()
 
 
 def _check_cu_seqlens_values(cu_seqlens, total, max_seqlen):
-    """0 = cu[0] <= cu[1] <= ... <= cu[-1] = total and every length <= max_seqlen. On the CPU a plain check;
-    on a GPU an asynchronous device assert (no host sync); skipped while compiling. Every layer of a model gets
-    the same cu_seqlens: a tensor checked last time, unchanged since (same version), is not checked again."""
+    """0 = cu[0] <= cu[1] <= ... <= cu[-1] = total and every length <= max_seqlen: a kernel reads out of bounds
+    otherwise. On the CPU a plain check, not repeated for the same tensor with the same values (every layer of a
+    model gets the same cu_seqlens; compared by value, so an edit through ``.data`` is seen). On a GPU an
+    asynchronous device assert (no host sync) at every call: a version counter misses such edits, and a value
+    comparison would sync. Skipped while compiling."""
     if torch.compiler.is_compiling():
         return
-    _checked.get(cu_seqlens, lambda cu: _check_cu_seqlens_device_values(cu, total, max_seqlen), total, max_seqlen)
-
-
-def _check_cu_seqlens_device_values(cu_seqlens, total, max_seqlen):
-    lengths = cu_seqlens.diff()
     if cu_seqlens.device.type == "cpu":
-        if cu_seqlens[0].item() != 0 or cu_seqlens[-1].item() != total:
-            raise ValueError(f"{OP}: cu_seqlens must start at 0 and end at the number of tokens ({total}), got "
-                             f"{cu_seqlens[0].item()} ... {cu_seqlens[-1].item()}")
-        if lengths.numel() and lengths.min().item() < 0:
-            raise ValueError(f"{OP}: cu_seqlens must be non-decreasing")
-        if lengths.numel() and lengths.max().item() > max_seqlen:
-            raise ValueError(f"{OP}: max_seqlen ({max_seqlen}) is less than the longest sequence "
-                             f"({lengths.max().item()})")
-        return
+        _checked.get(cu_seqlens, lambda cu: _check_cu_seqlens_cpu_values(cu, total, max_seqlen), total, max_seqlen)
+    else:
+        _assert_cu_seqlens_device_values(cu_seqlens, total, max_seqlen)
+
+
+def _check_cu_seqlens_cpu_values(cu_seqlens, total, max_seqlen):
+    lengths = cu_seqlens.diff()
+    if cu_seqlens[0].item() != 0 or cu_seqlens[-1].item() != total:
+        raise ValueError(f"{OP}: cu_seqlens must start at 0 and end at the number of tokens ({total}), got "
+                         f"{cu_seqlens[0].item()} ... {cu_seqlens[-1].item()}")
+    if lengths.numel() and lengths.min().item() < 0:
+        raise ValueError(f"{OP}: cu_seqlens must be non-decreasing")
+    if lengths.numel() and lengths.max().item() > max_seqlen:
+        raise ValueError(f"{OP}: max_seqlen ({max_seqlen}) is less than the longest sequence "
+                         f"({lengths.max().item()})")
+
+
+def _assert_cu_seqlens_device_values(cu_seqlens, total, max_seqlen):
     ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == total)
-    if lengths.numel():
-        ok = ok & (lengths.min() >= 0) & (lengths.max() <= max_seqlen)
+    if cu_seqlens.numel() > 1:
+        shortest, longest = torch.aminmax(cu_seqlens.diff())
+        ok = ok & (shortest >= 0) & (longest <= max_seqlen)
     torch._assert_async(ok, f"{OP}: bad cu_seqlens (must go from 0 to {total}, non-decreasing, lengths <= "
                             f"max_seqlen {max_seqlen})")
 
