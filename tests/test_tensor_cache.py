@@ -86,3 +86,26 @@ def test_padded_attention_forward_under_inference_mode():
         mask[1] = torch.tensor([0, 0, 1, 1, 1])  # left padding now: not the right-padded fast path
         left, _ = attention_forward(module, q, k, v, mask, scaling=0.5)
     assert not torch.allclose(left[1], first[1])
+
+
+def test_lora_step_casts_under_inference_mode():
+    """float32 adapters of a bfloat16 model: the fused LoRA ops cast them once per step through StepCasts. Under
+    ``torch.inference_mode()`` (``generate()``) the copies are inference tensors, which have no version counter and
+    cannot be refreshed in place afterwards: training after generating must still work."""
+    from fastsft.ops.lora import StepCasts, lora_qkv
+
+    casts = StepCasts()
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    projections = [(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(2, 8, requires_grad=True),
+                    torch.randn(4, 2, requires_grad=True)) for _ in range(3)]
+    expected = lora_qkv(x, *projections, 0.5, backend="reference")
+    with torch.inference_mode():
+        for _ in range(2):
+            casts.new_step()
+            got = lora_qkv(x, *projections, 0.5, backend="triton", casts=casts)
+            for g, e in zip(got, expected):
+                torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
+    casts.new_step()
+    out = lora_qkv(x, *projections, 0.5, backend="triton", casts=casts)
+    sum(o.float().sum() for o in out).backward()
+    assert all(p.grad is not None for _, a, b in projections for p in (a, b))

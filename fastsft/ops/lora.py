@@ -389,7 +389,8 @@ class StepCasts:
     the update bumps no tensor version (bitsandbytes' 8-bit optimizers write through raw pointers). Within a
     step a copy is remade when its weight's version or storage changed. The refresh writes into last step's
     copies: a graph of that step still awaiting its backward (two forwards, then both backwards) sees the weights
-    of the new step, which are the same unless something changed them in between."""
+    of the new step, which are the same unless something changed them in between. Under ``torch.inference_mode()``
+    nothing is kept: each call casts afresh, as PEFT does."""
 
     def __init__(self):
         self._copies: dict = {}  # this step's: key -> (weakref to the weight, version, data_ptr, copy)
@@ -419,6 +420,9 @@ class StepCasts:
                 torch._foreach_copy_(bufs, srcs)
 
     def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if torch.is_inference_mode_enabled():
+            # an inference tensor has no version to key on and cannot be refreshed in place after inference mode
+            return t.detach().to(dtype)
         key = (id(t), dtype)
         hit = self._copies.get(key)
         if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == t.data_ptr():
@@ -430,6 +434,8 @@ class StepCasts:
 
     def joined(self, params, halves) -> torch.Tensor:
         """``torch.cat(halves)``, the half copies of ``params`` side by side, made once per step."""
+        if torch.is_inference_mode_enabled():
+            return torch.cat(halves)
         key = ("cat", *map(id, params))
         versions = tuple(h._version for h in halves)
         hit = self._copies.get(key)
