@@ -4,11 +4,13 @@
 #
 #   scripts/gpu_check.sh OUTDIR [STAGE ...]
 #     stages: build test bench-lce bench-attention bench-norm bench-lora bench-nf4 demo (the default set),
+#             test-grid (the whole GPU test grids, ``-m grid``, on FASTSFT_GRID_WORKERS pytest workers, default 12),
+#             sanitize (every Triton and CUDA kernel on a small grid under compute-sanitizer's memcheck),
 #             tune-attention (before bench-attention: measures and stores the attention kernels' launch
 #             configurations), bench-offload, bench-kernels (the pytest-benchmark suite), bench-sft-1b
 #             bench-sft-8b, bench-suite (python -m bench.suite: FASTSFT_SUITE_PRESET quick | full with
 #             FASTSFT_SUITE_PART 1-3, FASTSFT_SUITE_TIME_LIMIT seconds; results in OUTDIR/suite)
-# FASTSFT_TESTS picks test files and FASTSFT_TEST_MARK their marker expression (default: all tests);
+# FASTSFT_TESTS picks test files and FASTSFT_TEST_MARK their marker expression (default: all but the full grids);
 # FASTSFT_BENCH_QUICK=1 the quick benchmark presets; FASTSFT_STAGE_TIMEOUT caps
 # each stage (seconds, default 540).
 #
@@ -48,8 +50,12 @@ for s in $stages; do
   case $s in
     build) stage build env MAX_JOBS=16 FASTSFT_CUDA_ARCHS="80;90a" \
              python3 -m pip install --no-build-isolation --no-deps --no-index -v -e . ;;
-    test) stage test env FASTSFT_REQUIRE_EXTENSION=1 python3 -m pytest ${FASTSFT_TESTS:-tests} -q -p no:cacheprovider -m "${FASTSFT_TEST_MARK:-gpu or not gpu}" --durations=15 \
+    test) stage test env FASTSFT_REQUIRE_EXTENSION=1 python3 -m pytest ${FASTSFT_TESTS:-tests} -q -p no:cacheprovider -m "${FASTSFT_TEST_MARK:-not grid}" --durations=15 \
              --junitxml="$out/pytest.xml" ;;
+    test-grid) stage test-grid env FASTSFT_REQUIRE_EXTENSION=1 python3 -m pytest tests -q -p no:cacheprovider -m grid \
+             -n "${FASTSFT_GRID_WORKERS:-12}" --junitxml="$out/pytest-grid.xml" ;;
+    sanitize) stage sanitize env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+             --error-exitcode 1 --print-limit 20 python3 scripts/sanitize_kernels.py ;;
     bench-lce) stage bench-lce python3 -m bench.bench_linear_cross_entropy --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
     tune-attention) stage tune-attention python3 -m bench.tune_attention --out "$out" --write-table \

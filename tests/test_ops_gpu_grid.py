@@ -8,7 +8,8 @@ upcast inputs) and require its error to be at most twice that of a same-dtype Py
 per dtype. Every buffer PyTorch allocates uninitialized starts as NaN (``poisoned``), so an element a kernel forgets
 to write fails the test instead of passing by luck.
 
-All tests are ``@pytest.mark.gpu``. ``FASTSFT_GRID_DEVICE=cpu`` runs the same test code on the CPU (Triton in its
+All tests are ``@pytest.mark.gpu`` and ``@pytest.mark.grid`` (``scripts/gpu_check.sh``'s ``test-grid`` stage; the
+quick GPU cases of each op are in its own test file). ``FASTSFT_GRID_DEVICE=cpu`` runs the same test code on the CPU (Triton in its
 interpreter, the ``cuda`` backend as the extension's C++ kernels), float32 and small cases only: a check of the tests
 themselves, not of the kernels' GPU code.
 """
@@ -27,7 +28,7 @@ from helpers import assert_close_to_baseline
 DEVICE = os.environ.get("FASTSFT_GRID_DEVICE", "cuda")
 ON_CPU = DEVICE == "cpu"
 # conftest skips gpu-marked tests without a GPU; the CPU override must not be skipped
-pytestmark = [] if ON_CPU else [pytest.mark.gpu]
+pytestmark = [] if ON_CPU else [pytest.mark.gpu, pytest.mark.grid]
 # the interpreter is slow and computes bf16 dots wrongly: on the CPU only float32 and small cases run
 CPU_MAX_ELEMENTS = 1 << 15
 
