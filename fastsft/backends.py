@@ -11,8 +11,9 @@ Choosing:
   for one op. A forced or explicitly requested backend that cannot run raises; it never falls back.
 - In ``auto``, a backend that fails to compile or launch is skipped with one warning, marked broken for that
   device type for the rest of the process, and the next one runs. A backend that raises ``Unsupported`` for an
-  input it does not take (a dtype, say) is skipped for that call only, quietly. Errors about the caller's input
-  (``ValueError``/``TypeError``) and out-of-memory errors propagate: falling back would hide them.
+  input it does not take (a dtype, a size past a kernel's limit) is skipped for that call only, quietly. Any other
+  error (about the caller's input: ``ValueError``, ``TypeError``, ...; out of memory) propagates: falling back would
+  hide it (see :func:`is_backend_failure`).
 """
 
 from __future__ import annotations
@@ -186,14 +187,29 @@ def dispatch(op: str, backend: str, device: torch.device, *args, **kwargs):
             return fn(*args, **kwargs)
         except Unsupported:
             continue
-        except (ValueError, TypeError, torch.OutOfMemoryError, KeyboardInterrupt, *_CONTROL_FLOW):
-            raise
-        except Exception as exc:  # a compile or launch failure: one warning, then never again this process
+        except Exception as exc:
+            if not is_backend_failure(exc):
+                raise
+            # a compile or launch failure: one warning, then never again this process
             _broken[(op, name, device.type)] = f"{type(exc).__name__}: {exc}"
             warnings.warn(f"fastsft: the {name} backend of {op} failed on {device.type} "
                           f"({type(exc).__name__}: {exc}); falling back to {candidates[i + 1]}",
                           RuntimeWarning, stacklevel=3)
     raise AssertionError("unreachable")
+
+
+def is_backend_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a backend, says the backend cannot compile or launch here (so ``auto`` may mark it
+    broken and move on): a missing module (``ImportError``), a failed launch or a missing kernel (``RuntimeError``,
+    which CUDA and driver errors are, ``OSError``), or any of Triton's own errors (``CompilationError``,
+    ``OutOfResources``, ...). Not out-of-memory, not checkpointing's control flow, and never an error of the
+    backend's Python code about its input (``ValueError``, ``TypeError``, ``ZeroDivisionError``, ``IndexError``,
+    ...): those propagate, since falling back would hide them and disable the backend for every later call."""
+    if isinstance(exc, (torch.OutOfMemoryError, *_CONTROL_FLOW)):
+        return False
+    if isinstance(exc, (ImportError, RuntimeError, OSError)):
+        return True
+    return any(cls.__module__.partition(".")[0] == "triton" for cls in type(exc).__mro__)
 
 
 def chosen(op: str, device: torch.device, backend: str = "auto") -> str:

@@ -156,3 +156,40 @@ def test_auto_candidates_on_a_cuda_device_are_remembered_until_a_backend_breaks(
     for _ in range(2):  # the CPU asks every time
         backends.select(OP, "auto", torch.device("cpu"))
     assert len(orders) == 5
+
+
+@pytest.mark.parametrize("error", [ValueError("bad size"), TypeError("bad type"), ZeroDivisionError("division"),
+                                   IndexError("index"), KeyError("key"), AssertionError("assert")],
+                         ids=lambda e: type(e).__name__)
+def test_errors_of_the_backends_python_code_propagate(op, error):
+    """A backend's Python code raising about its input is not a compile or launch failure: it propagates, and the
+    backend is not marked broken (that would send every later call of the process to the next backend)."""
+    op["raise"] = error
+    x = torch.ones(2)
+    with pytest.raises(type(error)):
+        backends.dispatch(OP, "auto", x.device, x)
+    assert backends._broken == {} and op["calls"] == ["cuda"]
+    op["raise"] = None
+    backends.dispatch(OP, "auto", x.device, x)
+    assert op["calls"] == ["cuda", "cuda"]
+
+
+def test_compile_and_launch_failures_mark_the_backend_broken(op):
+    triton_errors = pytest.importorskip("triton.compiler.errors")
+    from triton.runtime.errors import OutOfResources
+
+    x = torch.ones(2)
+    import ast
+
+    for error in (triton_errors.CompilationError(None, ast.Pass(), "simulated"),
+                  OutOfResources(1 << 20, 1 << 16, "shared memory"), ImportError("no module"), OSError("cache")):
+        backends._broken.clear()
+        op["raise"] = error
+        with pytest.warns(RuntimeWarning, match="falling back to reference"):
+            backends.dispatch(OP, "auto", x.device, x)
+        assert list(backends._broken) == [(OP, "cuda", "cpu")], type(error).__name__
+    backends._broken.clear()
+    op["raise"] = torch.OutOfMemoryError("out of memory")  # a RuntimeError, but about this call's size
+    with pytest.raises(torch.OutOfMemoryError):
+        backends.dispatch(OP, "auto", x.device, x)
+    assert backends._broken == {}

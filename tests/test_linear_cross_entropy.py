@@ -364,3 +364,48 @@ def test_env_var_forces_a_backend(monkeypatch):
     monkeypatch.setenv("FASTSFT_BACKEND_LINEAR_CROSS_ENTROPY", "bogus")
     with pytest.raises(ValueError, match="unknown backend"):
         linear_cross_entropy(h, w, labels)
+
+
+def test_degenerate_call_raises_and_leaves_the_backend_usable(monkeypatch):
+    """A 0-row weight (no vocabulary) is the caller's error: a clear ValueError before any backend runs, and the
+    fast backend stays in use for later calls instead of being marked broken for the process."""
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")) is not None:
+        pytest.skip("needs the triton backend on the CPU")
+    monkeypatch.setattr(backends, "_broken", {})
+    monkeypatch.setattr(backends, "select", lambda op, backend, device: (["triton", "reference"], False))
+    ran = []
+    for name in ("triton", "reference"):
+        impl = backends._ops[OP].impls[name]
+        monkeypatch.setitem(backends._ops[OP].impls, name,
+                            lambda *a, _impl=impl, _name=name, **kw: ran.append(_name) or _impl(*a, **kw))
+    h = torch.randn(4, 8, requires_grad=True)
+    labels = torch.full((4,), -100)
+    with pytest.raises(ValueError, match="no rows"):
+        linear_cross_entropy(h, torch.empty(0, 8), labels)
+    assert backends.fallbacks() == {} and ran == []
+    _, w, labels, _ = make_inputs(4, 8, 10, torch.float32, "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = linear_cross_entropy(h, w, labels)
+    assert ran == ["triton"] and backends.fallbacks() == {}
+    expected = linear_cross_entropy(h, w, labels, backend="reference")
+    assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item())
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, float("nan"), float("inf"), torch.tensor(0), torch.tensor(-1),
+                                 torch.tensor(2.5), torch.tensor([3, 4])],
+                         ids=["0", "neg", "frac", "nan", "inf", "t0", "tneg", "tfrac", "t2elem"])
+def test_num_items_in_batch_must_be_a_positive_count(bad):
+    """transformers passes the count of labelled tokens (an int64 tensor): 0, negative or fractional values are
+    an error, not silently taken as 1."""
+    h, w, labels, _ = make_inputs(6, 8, 20, torch.float32, "cpu")
+    with pytest.raises((ValueError, TypeError), match="num_items_in_batch"):
+        linear_cross_entropy(h, w, labels, num_items_in_batch=bad)
+
+
+def test_num_items_in_batch_takes_whole_numbers():
+    h, w, labels, _ = make_inputs(6, 8, 20, torch.float32, "cpu")
+    expected = linear_cross_entropy(h, w, labels, reduction="sum", backend="reference") / 7
+    for n in (7, 7.0, torch.tensor(7), torch.tensor(7.0), torch.tensor([7], dtype=torch.int32)):
+        got = linear_cross_entropy(h, w, labels, num_items_in_batch=n)
+        assert abs(got.item() - expected.item()) <= 1e-5 * abs(expected.item()), n

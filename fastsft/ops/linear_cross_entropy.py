@@ -14,6 +14,7 @@ How the fast backends work (``triton`` and ``cuda`` differ only in the row kerne
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -53,7 +54,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         labels: [...] target ids, already shifted; ``ignore_index`` marks tokens without a loss.
         bias: optional [V].
         reduction: ``"mean"`` (over labelled tokens, or ``/ num_items_in_batch`` when given, as transformers
-            does under gradient accumulation), ``"sum"`` or ``"none"`` (per token, shape of ``labels``).
+            does under gradient accumulation: a whole number > 0, a Python number or a one-element tensor),
+            ``"sum"`` or ``"none"`` (per token, shape of ``labels``).
         softcap: Gemma 2's final logit soft-capping; ``logit_scale``: Cohere/Granite's logit multiplier
             (applied before the softcap).
         return_token_stats: also return a :class:`TokenStats` (what TRL logs as ``entropy`` and
@@ -111,8 +113,38 @@ def _check(hidden, weight, labels, bias, reduction, softcap, logit_scale, chunk_
         raise ValueError(f"linear_cross_entropy: logit_scale must be finite and non-zero, got {logit_scale}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size must be positive, got {chunk_size}")
-    if num_items_in_batch is not None and reduction != "mean":
-        raise ValueError("linear_cross_entropy: num_items_in_batch only applies to reduction='mean'")
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError("linear_cross_entropy: num_items_in_batch only applies to reduction='mean'")
+        _check_num_items(num_items_in_batch)
+    if weight.shape[0] == 0:
+        raise ValueError("linear_cross_entropy: weight has no rows (a vocabulary of 0): there is no label to score")
+
+
+def _check_num_items(n):
+    """The number of labelled tokens that ``mean`` divides by (transformers passes an int64 device tensor): a whole
+    number > 0, as a Python number or a one-element tensor. A CUDA tensor is checked by an asynchronous device
+    assert (no host sync); tensors are not checked while compiling."""
+    name = "linear_cross_entropy: num_items_in_batch"
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1 or n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"{name} must be a number or a one-element real tensor, got {n.dtype} of shape "
+                            f"{tuple(n.shape)}")
+        if torch.compiler.is_compiling():
+            return
+        if n.device.type != "cpu":
+            ok = n > 0
+            if n.is_floating_point():
+                ok = ok & torch.isfinite(n) & (n == n.round())
+            torch._assert_async(ok.reshape(()), f"{name} must be a whole number > 0")
+            return
+        value = n.item()
+    elif isinstance(n, bool) or not isinstance(n, numbers.Real):
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(n).__name__}")
+    else:
+        value = n
+    if not (math.isfinite(value) and value > 0 and value == int(value)):
+        raise ValueError(f"{name} must be a whole number > 0 (the count of labelled tokens), got {value}")
 
 
 def _check_label_range(labels, vocab, ignore_index):
