@@ -289,7 +289,7 @@ def test_bad_input_is_rejected_clearly():
         with pytest.raises(TypeError, match="reference"):
             fa(q.double(), k.double(), v.double(), cu, m, backend="triton")
         big = torch.randn(7, 1, 512)
-        with pytest.raises(ValueError, match="head dims up to 256"):
+        with pytest.raises(backends.Unsupported, match="head dims up to 256"):
             fa(big, big, big, cu, m, backend="triton")
 
 
@@ -477,3 +477,19 @@ def test_cuda_kernel_config_is_the_table_entry_or_the_default(monkeypatch):
                     assert got == want
                     got["BLOCK_M"] = -1  # a caller's change must not reach the next call
                     assert fa.kernel_config(kernel, head_dim, torch.device("cuda", 0), element_size, max_seqlen) == want
+
+
+def test_head_dim_past_the_triton_limit_falls_back_in_auto(monkeypatch):
+    """Head dims over 256 are ``Unsupported`` by the triton backend: ``auto`` runs the reference for that call (a
+    ValueError there propagated instead), an explicit request still raises."""
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")) is not None:
+        pytest.skip("needs the triton backend on the CPU")
+    monkeypatch.setattr(backends, "_broken", {})
+    q = torch.randn(5, 1, 264)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(backends.Unsupported, match="head dims up to 256"):
+        flash_attention_varlen(q, q, q, cu, 3, backend="triton")
+    monkeypatch.setattr(backends, "select", lambda op, backend, device: (["triton", "reference"], False))
+    got = flash_attention_varlen(q, q, q, cu, 3, backend="auto")
+    assert torch.equal(got, flash_attention_varlen(q, q, q, cu, 3, backend="reference"))
+    assert backends.fallbacks() == {}

@@ -243,3 +243,21 @@ def test_gpu_64bit_indexing(backend):
     want.backward(torch.ones_like(want))
     assert_close(y[-8:], want, rtol=1e-2, name="last rows")
     assert_close(x.grad[-8:], tail.grad, rtol=2e-2, name="grad of the last rows")
+
+
+def test_row_width_past_the_triton_limit_falls_back_in_auto(monkeypatch):
+    """A size the Triton kernel does not take is ``Unsupported``: ``auto`` runs the next backend for that call (a
+    ValueError there propagated instead), an explicit request still raises."""
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")) is not None:
+        pytest.skip("needs the triton backend on the CPU")
+    import importlib
+
+    rms_module = importlib.import_module("fastsft.ops.rms_norm")
+    monkeypatch.setattr(rms_module, "MAX_TRITON_HIDDEN", 16)
+    monkeypatch.setattr(backends, "_broken", {})
+    x, w = torch.randn(3, 32), torch.randn(32)
+    with pytest.raises(backends.Unsupported, match="hidden sizes up to 16"):
+        rms_norm(x, w, EPS, backend="triton")
+    monkeypatch.setattr(backends, "select", lambda op, backend, device: (["triton", "reference"], False))
+    got = rms_norm(x, w, EPS, backend="auto")
+    assert torch.equal(got, rms_norm(x, w, EPS, backend="reference")) and backends.fallbacks() == {}

@@ -157,7 +157,8 @@ def _triton_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, w
         raise backends.Unsupported(f"{OP}: the triton backend takes {_KERNEL_DTYPES}, got {q.dtype}; "
                                    "use backend='reference'")
     if q.shape[-1] > _MAX_KERNEL_HEAD_DIM:
-        raise ValueError(f"{OP}: the triton backend takes head dims up to {_MAX_KERNEL_HEAD_DIM}, got {q.shape[-1]}")
+        raise backends.Unsupported(f"{OP}: the triton backend takes head dims up to {_MAX_KERNEL_HEAD_DIM}, got "
+                                   f"{q.shape[-1]}; use backend='reference'")
     from fastsft.triton_kernels import flash_attention as fa
 
     reason = fa.unsupported_reason(cu_seqlens.shape[0] - 1, max_seqlen, q.shape[-1], q.device, q.element_size())

@@ -100,8 +100,8 @@ def _compiled_impl():
 @backends.register(OP, "triton", available=backends.triton_available)
 def _triton_backend(x, weight, eps, offset, residual):
     if x.shape[-1] > MAX_TRITON_HIDDEN:
-        raise ValueError(f"rms_norm: the triton backend takes hidden sizes up to {MAX_TRITON_HIDDEN}, got "
-                         f"{x.shape[-1]}; use backend='cuda' or 'reference'")
+        raise backends.Unsupported(f"rms_norm: the triton backend takes hidden sizes up to {MAX_TRITON_HIDDEN}, "
+                                   f"got {x.shape[-1]}; use backend='cuda' or 'reference'")
     return _fast(_triton_impl(), x, weight, eps, offset, residual)
 
 
