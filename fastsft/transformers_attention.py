@@ -13,9 +13,11 @@ The order per case (``packed`` or ``dense``) is measured per card by ``python -m
 --write-table`` into ``fastsft/attention_table.json``; ``FASTSFT_ATTENTION=<provider>`` forces one.
 
 What reaches the kernels without host syncs: packed rows from TRL's padding-free collator (``cu_seq_lens_q``
-and ``max_length_q`` in the batch), and rows without padding. Packed rows given only as ``position_ids`` that
-restart at 0, and right-padded rows, cost one host sync per forward pass (cached across layers). Left
-padding, holes in the mask, and decoding with a KV cache go to SDPA with an explicit mask.
+and ``max_length_q`` in the batch). Rows without a mask are split into sequences where their ``position_ids`` do
+not step by 1, as transformers' own SDPA masks split them; that and right-padded rows cost one host sync per
+forward pass (cached across layers). Left padding, holes in the mask, and decoding with a KV cache go to SDPA
+with an explicit mask. Under autocast q, k and v are cast to the autocast dtype first, as autocast casts them
+for SDPA.
 """
 
 from __future__ import annotations
@@ -120,11 +122,16 @@ _position_cache = LastTensorCache()
 _padding_cache = LastTensorCache()
 
 
-def _cu_seqlens_from_position_ids(position_ids: torch.Tensor):
-    flat = position_ids.reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten()
-    cu = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)
-    return cu, int(cu.diff().max()) if cu.numel() > 1 else 0
+def _cu_seqlens_from_position_ids(position_ids: torch.Tensor, batch: int):
+    """Sequence boundaries of rows without a mask, found as stock transformers finds them for SDPA and eager
+    (``masking_utils.find_packed_sequence_indices``): a sequence starts at each row's first token and wherever a
+    position does not follow the one before by 1. Tokens before a row's first 0 are thus a sequence of their own."""
+    ids = position_ids.expand(batch, -1)
+    starts = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    starts[:, 1:] = ids[:, 1:] - ids[:, :-1] != 1
+    first = torch.nonzero(starts.reshape(-1)).flatten()
+    cu = torch.cat([first, first.new_tensor([ids.numel()])]).to(torch.int32)
+    return cu, int(cu.diff().max())
 
 
 def _is_right_padded(mask: torch.Tensor) -> bool:
@@ -135,8 +142,22 @@ def _is_right_padded(mask: torch.Tensor) -> bool:
 
 # --- the attention function ----------------------------------------------------------------------------------
 
+_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)  # the dtypes autocast casts (not float64)
+
+
+def _autocast_inputs(query, key, value):
+    """q, k and v as stock SDPA (an autocast op) computes them: in the autocast dtype where autocast is on for
+    their device. They can arrive in different dtypes: RoPE's float32 cos/sin promote a bfloat16 q and k, not v."""
+    device_type = query.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return query, key, value
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.dtype in _AUTOCAST_CASTS else t for t in (query, key, value))
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [B, Hq, S, D], key/value [B, Hkv, S, D] -> ([B, S, Hq, D], None)."""
+    query, key, value = _autocast_inputs(query, key, value)
     batch, q_heads, q_len, head_dim = query.shape
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     softcap = kwargs.get("softcap")
@@ -152,9 +173,9 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         if not _padding_cache.get(attention_mask, _is_right_padded):
             return _sdpa_with_mask(module, query, key, value, attention_mask, scaling, window, softcap)
         # Right padding: pads come after every real token of their row, so causal rows never see them.
-    elif not packed and position_ids is not None and batch == 1 and q_len > 1:
-        cu, max_len = _position_cache.get(position_ids, _cu_seqlens_from_position_ids)
-        packed = cu.numel() > 2
+    elif not packed and position_ids is not None and position_ids.shape[0] in (1, batch) and q_len > 1:
+        cu, max_len = _position_cache.get(position_ids, lambda ids: _cu_seqlens_from_position_ids(ids, batch), batch)
+        packed = cu.numel() > batch + 1
     if not packed:
         cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
         max_len = q_len
@@ -172,13 +193,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     k = key.transpose(1, 2).reshape(batch * q_len, key.shape[1], head_dim)
     v = value.transpose(1, 2).reshape(batch * q_len, value.shape[1], head_dim)
     cu = cu.to(device=query.device, dtype=torch.int32)
-    if provider == "torch_varlen":
-        out = torch_varlen_call(q, k, v, cu, int(max_len), scaling, window)
-    else:
-        from fastsft.ops import flash_attention_varlen
+    # q, k and v are in the autocast dtype already; the kernels' float32 math stays float32
+    with torch.autocast(query.device.type, enabled=False):
+        if provider == "torch_varlen":
+            out = torch_varlen_call(q, k, v, cu, int(max_len), scaling, window)
+        else:
+            from fastsft.ops import flash_attention_varlen
 
-        out = flash_attention_varlen(q, k, v, cu, int(max_len), causal=True, softmax_scale=scaling,
-                                     window=window, softcap=softcap)
+            out = flash_attention_varlen(q, k, v, cu, int(max_len), causal=True, softmax_scale=scaling,
+                                         window=window, softcap=softcap)
     return out.view(batch, q_len, q_heads, head_dim), None
 
 

@@ -2,7 +2,7 @@
 
 Called with ``labels`` (or ``shift_labels``), it runs the backbone and computes the loss with
 :func:`fastsft.ops.linear_cross_entropy`, never materializing the [batch, seq, vocab] logits: the output's
-``logits`` is ``None``. Called without labels it is the model's original forward, so generation and
+``logits`` is ``None`` (with ``return_dict=False``, the tuple's second item: the layout is stock's). Called without labels it is the model's original forward, so generation and
 logit-based evaluation are unchanged.
 
 Two loss modes:
@@ -65,6 +65,7 @@ class PatchState:
     logit_scale: float | None
     previous_forward: Any  # an instance-level forward that was there before patching, or None
     installed_forward: Any = None  # the bound method fastsft installed
+    slot: str = "forward"  # where: "forward", or "_old_forward" under an accelerate hook
 
     def original_forward(self, model):
         return self.previous_forward or types.MethodType(type(model).forward, model)
@@ -117,7 +118,14 @@ def fused_forward(model, *, labels=None, shift_labels=None, num_items_in_batch=N
                               is_top1=result.get("is_top1"), label_mask=result.get("label_mask"),
                               **{CACHE_FIELD: getattr(outputs, CACHE_FIELD, None)},
                               hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-    return out.to_tuple() if return_dict is False else out
+    if return_dict is False:
+        # Stock's layout (CausalLMOutputWithPast.to_tuple()) with the logits' place kept, None as they are never
+        # built, so that every index means what it means unpatched; the token stats, when asked for, after it
+        rest = CausalLMOutputWithPast(**{CACHE_FIELD: getattr(outputs, CACHE_FIELD, None)},
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions).to_tuple()
+        stats = (out.log_probs, out.entropy, out.is_top1, out.label_mask) if fused else ()
+        return (out.loss, None, *rest, *(t for t in stats if t is not None))
+    return out
 
 
 def _head_loss(state: PatchState, head: torch.nn.Module, hidden, targets, num_items_in_batch, *, per_token: bool,

@@ -1,38 +1,125 @@
 """Module-level patches: attention implementation, RMSNorm forwards, fused LoRA projections and MLPs.
 
 Each patch changes instances only (an instance ``forward``, or the model's attention implementation through
-transformers' ``set_attn_implementation``) and returns an undo. They are re-applied after PEFT wraps a model
-(``fastsft.patching.refresh``), since the LoRA layers exist only then. A patched forward that meets an input it
-does not handle (another dtype, extra arguments, an adapter that became ineligible after ``merge_adapter``)
-runs the module's own forward for that call: never a wrong number.
+transformers' ``set_attn_implementation`` on a config of the model's own) and records what it changed on the
+modules themselves, so that undoing it acts on the model it is called on: a ``copy.deepcopy`` of a patched model
+is patched on its own modules and unpatched on its own. Under an accelerate hook (``dispatch_model``, CPU or disk
+offload) the patched forward goes where the hook calls the module's forward, after loading its weights. They are
+re-applied after PEFT wraps a model (``fastsft.patching.refresh``), since the LoRA layers exist only then. A
+patched forward that meets an input it does not handle (another dtype, extra arguments, an adapter that became
+ineligible after ``merge_adapter``) runs the module's own forward for that call: never a wrong number. Under
+autocast each computes in the dtype the module's own forward would.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import types
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
 Undo = Callable[[], None]
+FORWARDS_ATTR = "_fastsft_forwards"  # on a patched module: [(slot, previous, installed), ...], oldest first
+_HOOK_SLOT = "_old_forward"  # where accelerate's hook (its instance forward) calls the module's forward
+
+
+def forward_slot(module: torch.nn.Module) -> str:
+    """The instance attribute a patched forward goes in: ``forward``, or the ``_old_forward`` that an accelerate
+    hook calls after moving (or loading from an offload) the module's weights."""
+    state = module.__dict__
+    return _HOOK_SLOT if "_hf_hook" in state and _HOOK_SLOT in state else "forward"
+
+
+def install_forward(module: torch.nn.Module, installed) -> tuple[str, Any]:
+    """Put the bound method ``installed`` where ``module``'s forward is called; returns ``(slot, previous)``."""
+    slot = forward_slot(module)
+    previous = module.__dict__.get(slot)
+    setattr(module, slot, installed)
+    return slot, previous
+
+
+def uninstall_forward(module: torch.nn.Module, slot: str, previous, installed) -> bool:
+    """Undo :func:`install_forward`. Returns False when ``installed`` was no longer in place (someone replaced it)
+    and ``previous`` was put back over the replacement. An accelerate hook added after patching moved the patched
+    forward into ``_old_forward``: it is replaced there, and the hook stays."""
+    state = module.__dict__
+    if slot == "forward" and state.get(slot) is not installed and state.get(_HOOK_SLOT) is installed:
+        slot, previous = _HOOK_SLOT, previous or types.MethodType(type(module).forward, module)
+    in_place = state.get(slot) is installed
+    if previous is None:
+        state.pop(slot, None)
+    else:
+        setattr(module, slot, previous)
+    return in_place
+
+
+def _set_forward(module: torch.nn.Module, forward) -> None:
+    installed = types.MethodType(forward, module)
+    slot, previous = install_forward(module, installed)
+    module.__dict__.setdefault(FORWARDS_ATTR, []).append((slot, previous, installed))
+
+
+def restore_forwards(module: torch.nn.Module) -> bool:
+    """Undo every :func:`_set_forward` on ``module``, newest first. Returns whether there was any."""
+    installed = module.__dict__.pop(FORWARDS_ATTR, [])
+    for entry in reversed(installed):
+        uninstall_forward(module, *entry)
+    return bool(installed)
+
+
+@dataclass
+class ModulePatches:
+    """What the module patches of one model changed beyond the modules' forwards (kept on the model instance, so a
+    deep copy carries its own): the attention implementation and config swap, the RoPE globals in use, the
+    adapter-cast hook."""
+
+    wanted: dict
+    backend: str
+    patched: list = field(default_factory=list)
+    attention: tuple | None = None  # (previous implementation, the shared config, the model's own copy)
+    rope: Any = None  # fastsft.patching.rope.RopeUse
+    casts_hook: int | None = None  # id of the pre-hook on the decoder stack
+
+
+_MODULE_STATE = ("_fastsft_eps", "_fastsft_lora", "_fastsft_mlp", "_fastsft_group_output")
+
+
+def undo_module_patches(causal_lm, record: ModulePatches) -> None:
+    """Take every module patch in ``record`` off ``causal_lm`` (the model it is stored on)."""
+    for module in causal_lm.modules():
+        restore_forwards(module)
+        for name in _MODULE_STATE:
+            module.__dict__.pop(name, None)
+    if record.casts_hook is not None:
+        hooks = causal_lm.base_model._forward_pre_hooks
+        hooks.pop(record.casts_hook, None)
+        adapter_casts(causal_lm).clear()
+    if record.rope is not None:
+        record.rope.release()
+    if record.attention is not None:
+        previous, shared, own = record.attention
+        causal_lm.set_attn_implementation(previous)
+        if causal_lm.config is own and _same_config(own, shared):
+            _use_config(causal_lm, own, shared)  # nothing else changed in the copy: the model shares it again
+    record.patched.clear()
+
+
+_AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)  # the dtypes autocast casts (not float64)
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives a linear layer's output for input ``x`` now, or None when it does not cast it."""
+    device_type = x.device.type
+    if x.dtype in _AUTOCAST_CASTS and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 # transformers' activation names -> fastsft's gated MLP activation
 ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorch_tanh": "geglu_tanh",
                "gelu_new": "geglu_tanh", "gelu_fast": "geglu_tanh"}
-
-
-def _set_forward(module: torch.nn.Module, forward) -> Undo:
-    previous = module.__dict__.get("forward")
-    module.forward = types.MethodType(forward, module)
-
-    def undo():
-        if previous is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = previous
-
-    return undo
 
 
 # --- attention ------------------------------------------------------------------------------------------------
@@ -43,17 +130,34 @@ def attention_unsupported(config) -> str | None:
     return None
 
 
-def patch_attention(causal_lm) -> tuple[str, Undo]:
-    """Select transformers' attention implementation ``"fastsft"`` (registered on first use)."""
+def patch_attention(causal_lm, record: ModulePatches) -> str:
+    """Select transformers' attention implementation ``"fastsft"`` (registered on first use) on a copy of the
+    model's config: models built from one config object share it, and the others stay as they are."""
     from fastsft import transformers_attention
 
-    config = causal_lm.config
-    previous = config._attn_implementation
+    shared = causal_lm.config
+    own = copy.deepcopy(shared)
+    _use_config(causal_lm, shared, own)
+    record.attention = (own._attn_implementation, shared, own)
     causal_lm.set_attn_implementation(transformers_attention.register())
     device = next(causal_lm.parameters()).device
     orders = {case: transformers_attention.provider_order(case, device) for case in ("packed", "dense")}
-    detail = "providers: " + "; ".join(f"{case} {' > '.join(order)}" for case, order in orders.items())
-    return detail, lambda: causal_lm.set_attn_implementation(previous)
+    return "providers: " + "; ".join(f"{case} {' > '.join(order)}" for case, order in orders.items())
+
+
+def _use_config(causal_lm, old, new) -> None:
+    """Every module of the model that holds the config ``old`` (the model, its backbone, attention modules, ...)
+    gets ``new``."""
+    for module in causal_lm.modules():
+        if module.__dict__.get("config") is old:
+            module.config = new
+
+
+def _same_config(a, b) -> bool:
+    try:
+        return a._attn_implementation == b._attn_implementation and a.to_dict() == b.to_dict()
+    except Exception:  # a value that does not compare: keep the copy
+        return False
 
 
 # --- RMSNorm --------------------------------------------------------------------------------------------------
@@ -72,22 +176,23 @@ def rms_norm_modules(causal_lm) -> list[torch.nn.Module]:
             and isinstance(getattr(m, "weight", None), torch.Tensor) and _norm_eps(m) is not None]
 
 
-def patch_rms_norms(causal_lm, offset: float, backend: str) -> tuple[str, Undo]:
+def patch_rms_norms(causal_lm, offset: float, backend: str) -> str:
     from fastsft.ops import rms_norm
 
     def forward(self, x):
         if x.dtype != self.weight.dtype or x.shape[-1] != self.weight.shape[0]:
             return type(self).forward(self, x)
-        return rms_norm(x, self.weight, self._fastsft_eps, offset=offset, backend=backend)
+        # transformers' RMSNorm computes in float32 and returns x's dtype under autocast too
+        with torch.autocast(x.device.type, enabled=False):
+            return rms_norm(x, self.weight, self._fastsft_eps, offset=offset, backend=backend)
 
-    undos = []
     modules = rms_norm_modules(causal_lm)
     if not modules:
         raise LookupError("no RMSNorm modules in the model (it normalizes another way)")
     for module in modules:
         module._fastsft_eps = _norm_eps(module)
-        undos.append(_set_forward(module, forward))
-    return f"{len(modules)} modules, offset {offset:g}", _chain(undos)
+        _set_forward(module, forward)
+    return f"{len(modules)} modules, offset {offset:g}"
 
 
 # --- LoRA projections and gated MLPs ---------------------------------------------------------------------------
@@ -116,42 +221,70 @@ def lora_4bit_enabled() -> bool:
     return os.environ.get(LORA_4BIT_ENV, "1") != "0"
 
 
-def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
+@dataclass
+class _LoraState:
+    """On each fused LoRA layer: the backend, the model's adapter casts and, on a group's first layer, the group."""
+
+    backend: str
+    casts: Any
+    group: tuple | None = None
+
+
+_LORA_ATTR = "_fastsft_lora"
+
+
+def _lora_forward(self, x, *args, **kwargs):
+    if not args and not kwargs:
+        # a later layer of a group: computed with the group's first layer on this very input
+        stash = self.__dict__.pop(_GROUP_STASH, None)
+        if stash is not None and stash[0] is x:
+            return stash[1]
+        state: _LoraState | None = self.__dict__.get(_LORA_ATTR)
+        if state is None:
+            return type(self).forward(self, x)
+        # Under autocast PEFT's layers compute in the autocast dtype: so does the op, on the input cast to it, where
+        # the base weight has that dtype (otherwise PEFT's forward runs)
+        dtype = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+        if dtype is None:
+            out = _fused_lora(self, state, x, x)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                out = _fused_lora(self, state, x, x.to(dtype))
+        if out is not None:
+            return out
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def _fused_lora(self, state: _LoraState, x, x_compute):
+    """The fused output of ``self`` for ``x`` computed on ``x_compute``, or None when it is not eligible now."""
+    from fastsft.ops.lora import fused_lora_forward, fused_lora_group_forward
+
+    group = state.group
+    if group is not None:
+        if any(_GROUP_STASH in m.__dict__ for m in group[1:]):
+            # an output left unclaimed since the last call: this model calls the group's layers in another order
+            # or on other inputs; stop fusing this group (and hold nothing more)
+            for m in group[1:]:
+                m.__dict__.pop(_GROUP_STASH, None)
+            state.group = None
+        else:
+            outs = fused_lora_group_forward(group, x_compute, backend=state.backend, casts=state.casts)
+            if outs is not None:
+                for module, out in zip(group[1:], outs[1:]):
+                    module.__dict__[_GROUP_STASH] = (x, out)
+                return outs[0]
+    return fused_lora_forward(self, x_compute, backend=state.backend, casts=state.casts)  # None: not eligible
+
+
+def patch_lora(causal_lm, backend: str, record: ModulePatches) -> str:
     """Route eligible PEFT LoRA ``Linear`` layers through ``fastsft.ops.lora_linear``; ``Linear4bit`` ones too unless
     ``FASTSFT_LORA_4BIT=0`` (see :func:`lora_4bit_enabled`)."""
     from fastsft.ops import lora_eligibility
-    from fastsft.ops.lora import fused_lora_forward, fused_lora_group_forward
 
     casts = adapter_casts(causal_lm)
     groups = _sibling_groups(causal_lm)  # first layer -> the layers of its group: (q, k, v), (gate, up)
-
-    def forward(self, x, *args, **kwargs):
-        if not args and not kwargs:
-            # a later layer of a group: computed with the group's first layer on this very input
-            stash = self.__dict__.pop(_GROUP_STASH, None)
-            if stash is not None and stash[0] is x:
-                return stash[1]
-            group = groups.get(self)
-            if group is not None:
-                if any(_GROUP_STASH in m.__dict__ for m in group[1:]):
-                    # an output left unclaimed since the last call: this model calls the group's layers in
-                    # another order or on other inputs; stop fusing this group (and hold nothing more)
-                    for m in group[1:]:
-                        m.__dict__.pop(_GROUP_STASH, None)
-                    del groups[self]
-                else:
-                    outs = fused_lora_group_forward(group, x, backend=backend, casts=casts)
-                    if outs is not None:
-                        for module, out in zip(group[1:], outs[1:]):
-                            module.__dict__[_GROUP_STASH] = (x, out)
-                        return outs[0]
-            out = fused_lora_forward(self, x, backend=backend, casts=casts)  # None: no longer eligible
-            if out is not None:
-                return out
-        return type(self).forward(self, x, *args, **kwargs)
-
     fuse_4bit = lora_4bit_enabled()
-    undos, eligible, eligible_4bit, reasons, fused = [], 0, 0, {}, set()
+    eligible, eligible_4bit, reasons, fused = 0, 0, {}, []
     for module in causal_lm.modules():
         if not _is_lora_linear(module):
             continue
@@ -161,16 +294,17 @@ def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
             continue
         eligible += 1
         eligible_4bit += _is_4bit(module)
-        fused.add(module)
-        undos.append(_set_forward(module, forward))
+        fused.append(module)
     if not eligible and not reasons:
         raise LookupError("no PEFT LoRA layers in the model")
-    # a new step begins with each forward of the decoder stack (checkpointing's recomputation runs layers only)
-    hook = causal_lm.base_model.register_forward_pre_hook(casts.new_step)
-    undos.append(lambda: (hook.remove(), casts.clear()))
-    for first in [f for f, group in groups.items() if not all(m in fused for m in group)]:
+    fused_set = set(fused)
+    for first in [f for f, group in groups.items() if not all(m in fused_set for m in group)]:
         del groups[first]  # all or none: a layer left to PEFT keeps the group's other layers on their own
-    undos.append(lambda: [m.__dict__.pop(_GROUP_STASH, None) for group in groups.values() for m in group])
+    for module in fused:
+        module.__dict__[_LORA_ATTR] = _LoraState(backend, casts, groups.get(module))
+        _set_forward(module, _lora_forward)
+    # a new step begins with each forward of the decoder stack (checkpointing's recomputation runs layers only)
+    record.casts_hook = causal_lm.base_model.register_forward_pre_hook(casts.new_step).id
     n_qkv = sum(len(g) == 3 for g in groups.values())
     detail = f"{eligible} LoRA layers fused"
     if eligible_4bit:
@@ -180,7 +314,7 @@ def patch_lora(causal_lm, backend: str) -> tuple[str, Undo]:
                    "MLPs")
     if reasons:
         detail += "; left to PEFT: " + ", ".join(f"{n} ({why})" for why, n in reasons.items())
-    return detail, _chain(undos)
+    return detail
 
 
 CASTS_ATTR = "_fastsft_adapter_casts"
@@ -226,7 +360,63 @@ def activation_of(config) -> str | None:
     return ACTIVATIONS.get(name)
 
 
-def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, backend: str) -> tuple[str, Undo]:
+@dataclass
+class _MlpState:
+    """On each patched MLP: how it computes, and the decoder layer whose checkpointing flag decides lora_mlp."""
+
+    activation: str
+    fuse_lora: bool
+    gated: bool
+    fuse_4bit: bool
+    backend: str
+    casts: Any
+    layer: Any  # the MLP's decoder layer, or None
+    model: Any  # the causal LM, asked when there is no such layer
+
+    def checkpointed(self) -> bool:
+        return bool(self.layer.gradient_checkpointing) if self.layer is not None else _checkpointing(self.model)
+
+
+_MLP_ATTR = "_fastsft_mlp"
+
+
+def _mlp_forward(self, x, *args, **kwargs):
+    from fastsft.ops import lora_mlp
+    from fastsft.ops.lora import lora_parts
+
+    state: _MlpState | None = self.__dict__.get(_MLP_ATTR)
+    if args or kwargs or state is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    if state.fuse_lora and not state.checkpointed():
+        # under autocast PEFT's projections compute in the autocast dtype: so does lora_mlp, where it can
+        dtype = autocast_dtype(x) or x.dtype
+        projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
+        parts = [None if _is_4bit(p) and not state.fuse_4bit else lora_parts(p, dtype) for p in projections]
+        if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
+            (g, scaling), (u, _), (d, _) = parts
+            with torch.autocast(x.device.type, enabled=False):
+                return lora_mlp(x.to(dtype), g, u, d, scaling, state.activation, backend=state.backend,
+                                casts=state.casts)
+    if state.gated:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if gate.dtype != up.dtype:  # the module's own elementwise product promotes
+            return self.down_proj(self.act_fn(gate) * up)
+        with torch.autocast(x.device.type, enabled=False):  # elementwise: autocast would not cast it
+            hidden = _gated(state, gate, up)
+        return self.down_proj(hidden)
+    return type(self).forward(self, x)
+
+
+def _gated(state: _MlpState, gate, up):
+    from fastsft.ops import geglu, swiglu
+
+    if state.activation == "swiglu":
+        return swiglu(gate, up, backend=state.backend)
+    return geglu(gate, up, approximate="tanh" if state.activation == "geglu_tanh" else "none",
+                 backend=state.backend)
+
+
+def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, backend: str) -> str:
     """Gated MLPs: ``lora_mlp`` (all three projections LoRA, one scaling: nothing of size [tokens, intermediate]
     is saved for backward) when ``fuse_lora`` and the model is not gradient-checkpointing, else the fused gated
     activation between the model's (fused LoRA) projections when ``gated``.
@@ -234,14 +424,6 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
     ``lora_mlp`` recomputes the gate and up GEMMs in backward: measured on an H200 at 8B shapes it keeps 0.75 MiB
     instead of 897 MiB per layer for backward but runs at 0.85x PEFT's speed. Under gradient checkpointing those
     activations are dropped anyway, so there it would only cost time."""
-    from fastsft.ops import geglu, lora_mlp, swiglu
-    from fastsft.ops.lora import lora_parts
-
-    def act(gate, up):
-        if activation == "swiglu":
-            return swiglu(gate, up, backend=backend)
-        return geglu(gate, up, approximate="tanh" if activation == "geglu_tanh" else "none", backend=backend)
-
     fuse_4bit = lora_4bit_enabled()  # the same switch as patch_lora's, read at the same time
     casts = adapter_casts(causal_lm)  # patch_lora's, whose hook starts each step
     modules = _mlp_modules(causal_lm)
@@ -251,29 +433,14 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
     mlps = set(modules)
     layer_of = {layer.mlp: layer for layer in causal_lm.modules()
                 if getattr(layer, "mlp", None) in mlps and hasattr(layer, "gradient_checkpointing")}
-
-    def checkpointed(mlp) -> bool:
-        layer = layer_of.get(mlp)
-        return bool(layer.gradient_checkpointing) if layer is not None else _checkpointing(causal_lm)
-
-    def forward(self, x, *args, **kwargs):
-        if args or kwargs:
-            return type(self).forward(self, x, *args, **kwargs)
-        if fuse_lora and not checkpointed(self):
-            projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
-            parts = [None if _is_4bit(p) and not fuse_4bit else lora_parts(p, x.dtype) for p in projections]
-            if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
-                (g, scaling), (u, _), (d, _) = parts
-                return lora_mlp(x, g, u, d, scaling, activation, backend=backend, casts=casts)
-        if gated:
-            return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
-        return type(self).forward(self, x)
-
     if not modules:
         raise LookupError("no gated MLP modules (gate_proj, up_proj, down_proj, act_fn) in the model")
-    undos = [_set_forward(m, forward) for m in modules]
+    for module in modules:
+        module.__dict__[_MLP_ATTR] = _MlpState(activation, fuse_lora, gated, fuse_4bit, backend, casts,
+                                               layer_of.get(module), causal_lm)
+        _set_forward(module, _mlp_forward)
     kinds = [k for k, on in (("LoRA-fused without checkpointing", fuse_lora), (f"{activation} kernel", gated)) if on]
-    return f"{len(modules)} MLPs ({' or '.join(kinds)})", _chain(undos)
+    return f"{len(modules)} MLPs ({' or '.join(kinds)})"
 
 
 def _checkpointing(model) -> bool:
@@ -285,11 +452,3 @@ def _checkpointing(model) -> bool:
 
 def has_lora_mlps(causal_lm) -> bool:
     return any(_is_lora_linear(getattr(m, "gate_proj", None)) for m in _mlp_modules(causal_lm))
-
-
-def _chain(undos: list[Undo]) -> Undo:
-    def undo():
-        for u in reversed(undos):
-            u()
-
-    return undo

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from fastsft.ops import rope
-from fastsft.patching.modules import Undo, _chain, _set_forward
+from fastsft.patching.modules import ModulePatches, _set_forward
 
 FUNCTION = "apply_rotary_pos_emb"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the fast backends' dtypes (fastsft.ops.rope)
@@ -76,7 +76,8 @@ def _make_replacement(original: Callable, extra: tuple[str, ...]) -> Callable:
         dtype = torch.promote_types(q.dtype, cos.dtype)
         if q.dtype != dtype:
             q, k = q.to(dtype), k.to(dtype)
-        return rope(q, k, cos, sin, backend=backend)
+        with torch.autocast(q.device.type, enabled=False):  # elementwise in the original: autocast casts nothing
+            return rope(q, k, cos, sin, backend=backend)
 
     return apply_rotary_pos_emb
 
@@ -221,7 +222,31 @@ def _installed_for(module: types.ModuleType) -> _Installed | str:
     return _Installed(module, current, extra)
 
 
-def patch_rope(causal_lm, backend: str) -> tuple[str, Undo]:
+class RopeUse:
+    """The replaced globals that one patched model uses. Released by unpatch, or when the model (which holds this)
+    is garbage collected unpatched; a deep copy of the model (which copies the patched attention forwards along
+    with this) acquires them again for the copy."""
+
+    def __init__(self, entries):
+        self.entries = list(entries)
+        for entry in self.entries:
+            entry.acquire()
+        self._release = weakref.finalize(self, _release, self.entries)  # runs at most once
+        self._release.atexit = False
+
+    def release(self) -> None:
+        self._release()
+
+    def __deepcopy__(self, memo):
+        return RopeUse(self.entries)
+
+
+def _release(entries) -> None:
+    for entry in entries:
+        entry.release()
+
+
+def patch_rope(causal_lm, backend: str, record: ModulePatches) -> str:
     """Route the model's rotary embeddings through ``fastsft.ops.rope``. Raises LookupError with the reason when the
     model has no attention module fastsft can take this way."""
     # Per attention class, and per modeling module (one entry each: the checks run once)
@@ -256,14 +281,10 @@ def patch_rope(causal_lm, backend: str) -> tuple[str, Undo]:
         finally:  # restored, not cleared: nesting-safe
             _local.backend = previous
 
-    undos = [_set_forward(attention, forward) for attention, _ in targets]
-    for entry in {id(e): e for _, e in targets}.values():
-        entry.acquire()
-        # Released by unpatch, or when the model is garbage collected unpatched (a finalizer runs at most once)
-        release = weakref.finalize(causal_lm, entry.release)
-        release.atexit = False
-        undos.append(release)
+    for attention, _ in targets:
+        _set_forward(attention, forward)
+    record.rope = RopeUse({id(e): e for _, e in targets}.values())
     detail = f"{len(targets)} attention modules"
     if left:
         detail += "; left alone: " + ", ".join(f"{n} ({why})" for why, n in left.items())
-    return detail, _chain(undos)
+    return detail
