@@ -7,8 +7,10 @@ kernels for CPU tensors).
 Choosing:
 - ``backend="auto"`` takes the order measured fastest for the device (``backend_table.json``, written by the
   benchmarks with ``--write-table``; a default order for cards not in it) and skips unavailable backends.
-- ``FASTSFT_BACKEND=<name>`` forces a backend for every op, ``FASTSFT_BACKEND_<OP>=<name>`` (op name upper-cased)
-  for one op. A forced or explicitly requested backend that cannot run raises; it never falls back.
+- ``FASTSFT_BACKEND=<name>`` forces a backend for every op that has one (the others keep ``auto``, with one
+  warning), ``FASTSFT_BACKEND_<OP>=<name>`` (op name upper-cased) for one op. A forced or explicitly requested
+  backend that cannot run raises; it never falls back. ``fastsft.patch(model, backend=<name>)`` applies a backend
+  as ``FASTSFT_BACKEND`` does (:func:`for_model`).
 - In ``auto``, a backend that fails to compile or launch is skipped with one warning, marked broken for that
   device type for the rest of the process, and the next one runs. A backend that raises ``Unsupported`` for an
   input it does not take (a dtype, a size past a kernel's limit) is skipped for that call only, quietly. Any other
@@ -141,10 +143,43 @@ def _env_name(op: str) -> str:
 
 
 def requested_backend(op: str, backend: str) -> str:
-    """The backend asked for: an explicit argument wins over the env vars; 'auto' otherwise."""
+    """The backend asked for: an explicit argument wins over the env vars; 'auto' otherwise. ``FASTSFT_BACKEND``
+    (every op) applies as :func:`for_model` does: an op without that backend keeps 'auto'."""
     if backend != "auto":
         return backend
-    return (os.environ.get(_env_name(op)) or os.environ.get("FASTSFT_BACKEND") or "auto").lower()
+    forced = os.environ.get(_env_name(op))
+    if forced:
+        return forced.lower()
+    forced = os.environ.get("FASTSFT_BACKEND")
+    if not forced:
+        return "auto"
+    forced = forced.lower()
+    if forced in BACKENDS and forced not in _ops[op].impls:
+        if (op, forced) not in _env_kept_auto:
+            _env_kept_auto.add((op, forced))
+            warnings.warn(f"fastsft: FASTSFT_BACKEND={forced}, but {op} has no {forced} backend; it keeps 'auto'",
+                          RuntimeWarning, stacklevel=3)
+        return "auto"
+    return forced
+
+
+_env_kept_auto: set = set()  # (op, backend) already warned about
+
+
+def for_model(op: str, backend: str) -> str:
+    """The backend of ``op`` when one backend is asked for every op of a model (``fastsft.patch(model,
+    backend=...)``): that backend where ``op`` has one (it then runs exactly that, raising if it cannot), 'auto'
+    where it has none (see :func:`lacking`). A call of one op with an explicit backend it lacks still raises."""
+    if backend == "auto" or backend in _ops[op].impls:
+        return backend
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
+    return "auto"
+
+
+def lacking(ops, backend: str) -> list[str]:
+    """The ops among ``ops`` without a ``backend`` backend: those that keep 'auto' under :func:`for_model`."""
+    return [op for op in ops if for_model(op, backend) != backend]
 
 
 # auto's candidates per (op, CUDA device), with the number of broken backends they were made with: every norm,

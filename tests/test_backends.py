@@ -193,3 +193,50 @@ def test_compile_and_launch_failures_mark_the_backend_broken(op):
     with pytest.raises(torch.OutOfMemoryError):
         backends.dispatch(OP, "auto", x.device, x)
     assert backends._broken == {}
+
+
+def test_patch_with_an_explicit_backend_applies_it_where_ops_have_it():
+    """``patch(model, backend="cuda")``: the ops with a cuda backend run exactly it; those without (LoRA, the gated
+    activation) keep auto, named in one warning. Raised 'lora has no cuda backend' before, LoRA layers or not."""
+    import fastsft
+    from helpers import tiny_model
+
+    if backends.unavailable_reason("rms_norm", "cuda", torch.device("cpu")) is not None:
+        pytest.skip("needs the compiled extension")
+    model = tiny_model()
+    with pytest.warns(UserWarning, match="lora, gated_activation have none and keep 'auto'") as seen:
+        report = fastsft.patch(model, backend="cuda")
+    assert len([w for w in seen if "keep 'auto'" in str(w.message)]) == 1
+    assert report.patched["rms_norm"].startswith("cuda")
+    assert report.patched["fused_cross_entropy"] == "cuda"
+    assert report.patched["gated_activation"].startswith(backends.chosen("gated_activation", torch.device("cpu")))
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    fastsft.unpatch(model)
+
+
+def test_an_explicit_backend_an_op_lacks_raises_on_the_op():
+    from fastsft.ops import swiglu
+
+    x = torch.randn(2, 4)
+    with pytest.raises(backends.BackendUnavailable, match="gated_activation has no cuda backend"):
+        swiglu(x, x, backend="cuda")
+
+
+def test_fastsft_backend_env_applies_to_the_ops_that_have_it(monkeypatch):
+    from fastsft.ops import rms_norm, swiglu
+
+    if backends.unavailable_reason("rms_norm", "cuda", torch.device("cpu")) is not None:
+        pytest.skip("needs the compiled extension")
+    monkeypatch.setattr(backends, "_env_kept_auto", set(), raising=False)
+    monkeypatch.setenv("FASTSFT_BACKEND", "cuda")
+    assert backends.select("rms_norm", "auto", torch.device("cpu")) == (["cuda"], True)
+    x = torch.randn(2, 4)
+    with pytest.warns(RuntimeWarning, match="gated_activation has no cuda backend; it keeps 'auto'"):
+        swiglu(x, x)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        swiglu(x, x)
+        rms_norm(x, torch.ones(4), 1e-6)
