@@ -1,9 +1,11 @@
 """``patch`` / ``unpatch``: install fastsft's kernels on one model instance, and take them off again.
 
-Only the instance is changed (an instance attribute ``forward`` and the ``_fastsft_patch`` state), never the
-class, so other models of the same class are untouched and ``unpatch`` restores the exact previous behaviour. The
-one shared change, RoPE's replacement of a modeling module's ``apply_rotary_pos_emb``, acts for patched models only
-and is put back with the last of them (:mod:`fastsft.patching.rope`).
+Only the instance is changed (an instance attribute ``forward`` and the ``_fastsft_patch`` state, a config copy of
+its own where the attention implementation changes), never the class, so other models of the same class (or of the
+same config object) are untouched and ``unpatch`` restores the exact previous behaviour. What to undo is kept on the
+model and its modules, so ``unpatch`` acts on the model it is given, a deep copy included. The one shared change,
+RoPE's replacement of a modeling module's ``apply_rotary_pos_emb``, acts for patched models only and is put back
+with the last of them (:mod:`fastsft.patching.rope`).
 ``train()``/``eval()``, gradient checkpointing (which wraps the decoder layers, not this forward) and
 ``save_pretrained`` (parameters only) do not see the patch.
 """
@@ -45,14 +47,14 @@ def _is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-MODULES_ATTR = "_fastsft_module_patches"  # instance attribute: (switches, backend, [undo, ...])
+MODULES_ATTR = "_fastsft_module_patches"  # instance attribute: modules.ModulePatches
 
 
 def is_patched(model) -> bool:
     """Whether any fastsft kernel is installed on the model now."""
     causal_lm = causal_lm_of(model)
     record = causal_lm.__dict__.get(MODULES_ATTR)
-    return STATE_ATTR in causal_lm.__dict__ or bool(record and record[2])
+    return STATE_ATTR in causal_lm.__dict__ or bool(record and record.patched)
 
 
 def is_supported(model) -> bool:
@@ -114,10 +116,11 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
     if "fused_cross_entropy" in wanted:
         state = PatchState(family=family, backend=backends.for_model(LINEAR_CROSS_ENTROPY, backend),
                            softcap=family.softcap(config), logit_scale=family.logit_scale(config),
-                           previous_forward=causal_lm.__dict__.get("forward"))
+                           previous_forward=None)
         state.installed_forward = types.MethodType(make_forward(type(causal_lm)), causal_lm)
+        # under an accelerate hook (dispatch_model, offload) the hook's own forward stays in front
+        state.slot, state.previous_forward = modules.install_forward(causal_lm, state.installed_forward)
         setattr(causal_lm, STATE_ATTR, state)
-        causal_lm.forward = state.installed_forward
         report.patched["fused_cross_entropy"] = wanted["fused_cross_entropy"]
     _patch_modules(causal_lm, family, wanted, backend, report)
     return report
@@ -133,45 +136,46 @@ def _chosen_backend(kernel: str, device, backend: str) -> str:
 
 
 def _patch_modules(causal_lm, family, wanted: dict, backend: str, report: PatchReport) -> None:
-    """Attention, RoPE, norms, LoRA layers and MLPs, as they are in the model now; undos kept on the instance."""
-    undos = []
+    """Attention, RoPE, norms, LoRA layers and MLPs, as they are in the model now; what to undo is recorded on the
+    instance and its modules."""
+    record = modules.ModulePatches(dict(wanted), backend)
+    # Kept even with nothing patched yet: refresh() retries (LoRA layers appear when PEFT wraps the model).
+    setattr(causal_lm, MODULES_ATTR, record)
 
     def apply(name, fn):
         try:
-            detail, undo = fn()
+            detail = fn()
         except LookupError as exc:  # nothing of that kind in the model (e.g. no LoRA layers yet), or none it takes
             report.skipped[name] = str(exc)
             return
-        undos.append(undo)
+        record.patched.append(name)
         report.patched[name] = f"{wanted[name]}: {detail}" if name != "attention" else detail
 
     if "attention" in wanted:
-        apply("attention", lambda: modules.patch_attention(causal_lm))
+        apply("attention", lambda: modules.patch_attention(causal_lm, record))
     if "rope" in wanted:
-        apply("rope", lambda: rope_patch.patch_rope(causal_lm, backends.for_model("rope", backend)))
+        apply("rope", lambda: rope_patch.patch_rope(causal_lm, backends.for_model("rope", backend), record))
     if "rms_norm" in wanted:
         apply("rms_norm", lambda: modules.patch_rms_norms(causal_lm, family.norm_offset,
                                                           backends.for_model("rms_norm", backend)))
     if "lora" in wanted:
-        apply("lora", lambda: modules.patch_lora(causal_lm, backends.for_model("lora", backend)))
+        apply("lora", lambda: modules.patch_lora(causal_lm, backends.for_model("lora", backend), record))
     activation = modules.activation_of(causal_lm.config)
     fuse_lora = "lora" in report.patched and modules.has_lora_mlps(causal_lm)
     if activation and (fuse_lora or "gated_activation" in wanted):
         # one backend for lora_mlp and the gated activation: the asked one where both have it
         mlp_backend = backends.for_model("lora", backends.for_model("gated_activation", backend))
         try:
-            detail, undo = modules.patch_mlps(causal_lm, activation, fuse_lora=fuse_lora,
-                                              gated="gated_activation" in wanted, backend=mlp_backend)
+            detail = modules.patch_mlps(causal_lm, activation, fuse_lora=fuse_lora,
+                                        gated="gated_activation" in wanted, backend=mlp_backend)
         except LookupError as exc:
             report.skipped.setdefault("gated_activation", str(exc))
         else:
-            undos.append(undo)
+            record.patched.append("mlp")
             if "gated_activation" in wanted:
                 report.patched["gated_activation"] = f"{wanted['gated_activation']}: {detail}"
             else:
                 report.patched["lora"] += f"; {detail}"
-    # Kept even with nothing patched yet: refresh() retries (LoRA layers appear when PEFT wraps the model).
-    setattr(causal_lm, MODULES_ATTR, (dict(wanted), backend, undos))
 
 
 def refresh(model) -> PatchReport | None:
@@ -181,9 +185,8 @@ def refresh(model) -> PatchReport | None:
     record = causal_lm.__dict__.pop(MODULES_ATTR, None)
     if record is None:
         return None
-    wanted, backend, undos = record
-    for undo in reversed(undos):
-        undo()
+    modules.undo_module_patches(causal_lm, record)
+    wanted, backend = record.wanted, record.backend
     config = causal_lm.config
     report = PatchReport(type(causal_lm).__name__, config.model_type, supported=True,
                          device=str(causal_lm.get_output_embeddings().weight.device))
@@ -201,20 +204,17 @@ def unpatch(model) -> bool:
     """
     causal_lm = causal_lm_of(model)
     record = causal_lm.__dict__.pop(MODULES_ATTR, None)
-    for undo in reversed(record[2] if record else []):
-        undo()
+    had_modules = bool(record and record.patched)
+    if record is not None:
+        modules.undo_module_patches(causal_lm, record)
     state: PatchState | None = causal_lm.__dict__.pop(STATE_ATTR, None)
     if state is None:
-        return bool(record and record[2])
-    current = causal_lm.__dict__.get("forward")
-    if current is not None and current != state.installed_forward:
+        return had_modules
+    current = causal_lm.__dict__.get(state.slot)
+    if not modules.uninstall_forward(causal_lm, state.slot, state.previous_forward, state.installed_forward):
         warnings.warn(f"fastsft.unpatch: {type(causal_lm).__name__}.forward was replaced after patching "
                       f"({getattr(current, '__qualname__', current)}); restoring the forward from before patching",
                       UserWarning, stacklevel=2)
-    if state.previous_forward is None:
-        causal_lm.__dict__.pop("forward", None)
-    else:
-        causal_lm.forward = state.previous_forward
     return True
 
 
@@ -224,7 +224,8 @@ def reclaim_forward(model) -> bool:
     TRL installs its own fused LM head."""
     causal_lm = causal_lm_of(model)
     state: PatchState | None = causal_lm.__dict__.get(STATE_ATTR)
-    if state is None or causal_lm.__dict__.get("forward") == state.installed_forward:
+    if state is None or any(causal_lm.__dict__.get(slot) is state.installed_forward
+                            for slot in (state.slot, modules.forward_slot(causal_lm))):
         return False
-    causal_lm.forward = state.installed_forward
+    setattr(causal_lm, state.slot, state.installed_forward)
     return True
