@@ -238,3 +238,19 @@ def test_lora_mlp_fusion_follows_each_layers_checkpointing_flag(monkeypatch):
     with torch.no_grad():
         model(**inputs)
     assert len(fused) == len(layers) - 1 and not walks
+
+
+def test_inference_mode_forward_and_generate_match_unpatched():
+    model, inputs = tiny_model(), batch()
+    no_labels = {k: v for k, v in inputs.items() if k != "labels"}
+    prompt = inputs["input_ids"][:1]
+    with torch.inference_mode():
+        logits = model(**no_labels).logits
+        generated = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    fastsft.patch(model)
+    with torch.inference_mode():
+        patched_logits = model(**no_labels).logits  # right padding: the padding-mask check runs under inference mode
+        patched_generated = model.generate(prompt, max_new_tokens=3, do_sample=False)
+    real = inputs["attention_mask"].bool()
+    torch.testing.assert_close(patched_logits[real], logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(patched_generated, generated)
