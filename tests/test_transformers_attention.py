@@ -172,3 +172,36 @@ def test_torch_varlen_call_adapts_to_both_signatures(monkeypatch):
         fa.torch_varlen_call(q, kv, kv, cu, 5, 0.5, window=3)
     assert calls == [{"scale": 0.5, "window_size": (2, 0)}, {"scale": 0.5, "window_size": (-1, 0)},
                      {"scale": 0.5, "is_causal": True, "enable_gqa": True}]
+
+
+@pytest.mark.parametrize("position_ids", [[[3, 4, 0, 1, 0, 1]], [[0, 1, 2, 0, 1, 2], [5, 6, 0, 1, 2, 3]]],
+                         ids=["prefix-before-0", "two-packed-rows"])
+def test_position_ids_split_rows_as_stock_sdpa_does(position_ids, kernel_calls):
+    """Without a mask or cache, stock's SDPA mask starts a sequence wherever a position does not follow the one
+    before by 1 (in every row): tokens before the first 0 are a sequence of their own."""
+    model = tiny_llama()
+    position_ids = torch.tensor(position_ids)
+    ids = torch.randint(0, 101, position_ids.shape)
+    inputs = dict(input_ids=ids, position_ids=position_ids, use_cache=False)
+    ours = logits_with(model, "fastsft", **inputs)
+    torch.testing.assert_close(ours, logits_with(model, "sdpa", **inputs), rtol=1e-4, atol=1e-4)
+    assert len(kernel_calls) == 2  # packed rows: the kernel, not an SDPA fallback
+    assert not torch.allclose(ours, logits_with(model, "sdpa", input_ids=ids, use_cache=False), atol=1e-3)
+
+
+def test_autocast_casts_q_k_v_to_the_autocast_dtype():
+    """transformers hands over q, k and v as RoPE left them (float32 q and k, bfloat16 v under bf16 autocast on a
+    float32 model): computed in the autocast dtype, as stock SDPA is."""
+    q, k = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8)
+    v = torch.randn(1, 2, 9, 8).bfloat16()
+    module = torch.nn.Module()
+    module.training = False
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = fa.attention_forward(module, q, k, v, None, position_ids=position_ids)
+    assert out.dtype == torch.bfloat16
+    bounds = [(0, 4), (4, 7), (7, 9)]
+    expected = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, a:b].bfloat16().float(), k[:, :, a:b].bfloat16().float(), v[:, :, a:b].float(), is_causal=True,
+        enable_gqa=True) for a, b in bounds], dim=2).transpose(1, 2)
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
