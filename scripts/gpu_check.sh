@@ -54,7 +54,9 @@ for s in $stages; do
              --junitxml="$out/pytest.xml" ;;
     test-grid) stage test-grid env FASTSFT_REQUIRE_EXTENSION=1 python3 -m pytest tests -q -p no:cacheprovider -m grid \
              -n "${FASTSFT_GRID_WORKERS:-12}" --junitxml="$out/pytest-grid.xml" ;;
-    sanitize) stage sanitize env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+    sanitize) stage sanitize-planted bash -c '! PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+             --error-exitcode 1 python3 scripts/sanitize_kernels.py --planted-fault'  # must be caught
+             stage sanitize env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
              --error-exitcode 1 --print-limit 20 python3 scripts/sanitize_kernels.py ;;
     bench-lce) stage bench-lce python3 -m bench.bench_linear_cross_entropy --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;

@@ -15,7 +15,9 @@ One line per case, then ``N cases, N failed``. A case's Python exception is prin
 on; the exit status is 1 when any case failed. ``torch.cuda.synchronize()`` after every case attributes an
 asynchronous error to its case. ``--device cpu`` runs the same cases on the CPU (Triton in its interpreter, the
 ``cuda`` backend as the extension's C++ kernels; bfloat16 becomes float16 there, as the interpreter's bf16 dot is
-wrong): a check of this script's logic, not of the kernels' device code.
+wrong): a check of this script's logic, not of the kernels' device code. ``--planted-fault`` runs only a kernel that
+reads one element past its input, which memcheck must report: ``scripts/gpu_check.sh``'s ``sanitize`` stage fails
+when it is not reported, so a sanitizer that sees nothing cannot pass the stage.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="a smaller grid")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--no-check", action="store_true", help="only run the kernels; skip the reference check")
+    parser.add_argument("--planted-fault", action="store_true",
+                        help="only run a kernel that reads one element past its input: memcheck must report it "
+                             "(a check that the sanitizer sees this script's Triton kernels at all)")
     args = parser.parse_args(argv)
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     unknown = sorted(set(args.ops) - set(OPS))
@@ -583,8 +588,29 @@ CASES = {"attention": attention_cases, "linear_cross_entropy": linear_cross_entr
          "rope": rope_cases, "gated_activation": gated_activation_cases, "lora": lora_cases, "nf4": nf4_cases}
 
 
+def planted_fault(device) -> int:
+    """A Triton kernel whose mask lets one program read one element past the end of its input."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _read_one_past_end(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=offs <= n), mask=offs < n)
+
+    x = torch.randn(1000, device=device)
+    out = torch.empty_like(x)
+    _read_one_past_end[(triton.cdiv(x.numel(), 256),)](x, out, x.numel(), BLOCK=256)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print("planted fault ran: under memcheck it must be reported as an invalid read", flush=True)
+    return 0
+
+
 def main(args) -> int:
     device = torch.device(args.device)
+    if args.planted_fault:
+        return planted_fault(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device; --device cpu checks this script's logic on the CPU", flush=True)
         return 1
