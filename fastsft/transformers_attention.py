@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -145,6 +146,10 @@ def _is_right_padded(mask: torch.Tensor) -> bool:
 _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)  # the dtypes autocast casts (not float64)
 
 
+def _autocast_off(device_type: str):
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
 def _autocast_inputs(query, key, value):
     """q, k and v as stock SDPA (an autocast op) computes them: in the autocast dtype where autocast is on for
     their device. They can arrive in different dtypes: RoPE's float32 cos/sin promote a bfloat16 q and k, not v."""
@@ -194,7 +199,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     v = value.transpose(1, 2).reshape(batch * q_len, value.shape[1], head_dim)
     cu = cu.to(device=query.device, dtype=torch.int32)
     # q, k and v are in the autocast dtype already; the kernels' float32 math stays float32
-    with torch.autocast(query.device.type, enabled=False):
+    with _autocast_off(query.device.type):
         if provider == "torch_varlen":
             out = torch_varlen_call(q, k, v, cu, int(max_len), scaling, window)
         else:

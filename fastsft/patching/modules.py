@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+from contextlib import nullcontext
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -110,6 +111,13 @@ def undo_module_patches(causal_lm, record: ModulePatches) -> None:
 _AUTOCAST_CASTS = (torch.float16, torch.bfloat16, torch.float32)  # the dtypes autocast casts (not float64)
 
 
+def autocast_off(x: torch.Tensor):
+    """A context with autocast off for ``x``'s device; nothing to enter where it is off already (host time: this
+    runs in every patched forward)."""
+    device_type = x.device.type
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast gives a linear layer's output for input ``x`` now, or None when it does not cast it."""
     device_type = x.device.type
@@ -183,7 +191,7 @@ def patch_rms_norms(causal_lm, offset: float, backend: str) -> str:
         if x.dtype != self.weight.dtype or x.shape[-1] != self.weight.shape[0]:
             return type(self).forward(self, x)
         # transformers' RMSNorm computes in float32 and returns x's dtype under autocast too
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             return rms_norm(x, self.weight, self._fastsft_eps, offset=offset, backend=backend)
 
     modules = rms_norm_modules(causal_lm)
@@ -401,7 +409,7 @@ def _mlp_forward(self, x, *args, **kwargs):
         gate, up = self.gate_proj(x), self.up_proj(x)
         if gate.dtype != up.dtype:  # the module's own elementwise product promotes
             return self.down_proj(self.act_fn(gate) * up)
-        with torch.autocast(x.device.type, enabled=False):  # elementwise: autocast would not cast it
+        with autocast_off(gate):  # elementwise: autocast would not cast it
             hidden = _gated(state, gate, up)
         return self.down_proj(hidden)
     return type(self).forward(self, x)

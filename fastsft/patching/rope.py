@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from fastsft.ops import rope
-from fastsft.patching.modules import ModulePatches, _set_forward
+from fastsft.patching.modules import ModulePatches, _set_forward, autocast_off
 
 FUNCTION = "apply_rotary_pos_emb"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the fast backends' dtypes (fastsft.ops.rope)
@@ -76,7 +76,7 @@ def _make_replacement(original: Callable, extra: tuple[str, ...]) -> Callable:
         dtype = torch.promote_types(q.dtype, cos.dtype)
         if q.dtype != dtype:
             q, k = q.to(dtype), k.to(dtype)
-        with torch.autocast(q.device.type, enabled=False):  # elementwise in the original: autocast casts nothing
+        with autocast_off(q):  # elementwise in the original: autocast casts nothing
             return rope(q, k, cos, sin, backend=backend)
 
     return apply_rotary_pos_emb
