@@ -6,15 +6,22 @@ import argparse
 import logging
 import sys
 
+from fastsft import __version__
+
+
+class UsageError(ValueError):
+    """A mistake in the command's input (settings, paths, files): ``main`` prints it as one line, exit code 2."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsft", description="Kernel-first LoRA/QLoRA supervised fine-tuning")
+    parser.add_argument("--version", action="version", version=f"fastsft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="run the SFT recipe from a YAML config and/or flags")
     train.add_argument("config", nargs="?", help="YAML file of settings (flags override it)")
-    train.add_argument("--model", help="model directory or hub id")
-    train.add_argument("--dataset", help="JSON/JSONL dataset file")
+    train.add_argument("--model", help="model directory or hub id; 'demo': the built-in small model (random init)")
+    train.add_argument("--dataset", help="JSON/JSONL dataset file; 'demo': the built-in chat data")
     train.add_argument("--output-dir", dest="output_dir")
     train.add_argument("--max-steps", dest="max_steps", type=int)
     train.add_argument("--learning-rate", dest="learning_rate", type=float)
@@ -25,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--load-in-4bit", dest="load_in_4bit", action="store_true")
     train.add_argument("--no-patch", dest="no_patch", action="store_true", help="train with stock TRL behaviour")
+    train.add_argument("--resume-from-checkpoint", dest="resume_from_checkpoint", nargs="?", const=True,
+                       metavar="CHECKPOINT", help="continue from this checkpoint (alone: the last one in --output-dir)")
 
     check = commands.add_parser("check", help="run every op against its reference on this machine")
     check.add_argument("--strict", action="store_true", help="also fail for ops that have no check case")
@@ -48,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         from fastsft.commands import demo as command
     else:
         from fastsft.commands import train as command
-    return command.main(args)
+    try:
+        return command.main(args)
+    except UsageError as exc:  # the user's input, not fastsft: no traceback, argparse's exit code
+        print(f"fastsft {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
