@@ -19,7 +19,6 @@ import torch
 
 __all__ = ["FastLanguageModel", "is_bfloat16_supported"]
 
-_ISSUE = "fastsft issue 9"
 # Unsloth's default target list: every projection of the decoder blocks
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # from_pretrained keywords that notebooks pass with their "off" value; accepted only with exactly that value
@@ -91,8 +90,8 @@ class FastLanguageModel:
         if isinstance(model, PeftModel):
             raise ValueError("FastLanguageModel.get_peft_model: the model already has a PEFT adapter")
         if loftq_config not in (None, {}):
-            raise NotImplementedError(f"FastLanguageModel.get_peft_model(loftq_config=...) is not supported "
-                                      f"({_ISSUE}); pass loftq_config=None")
+            raise NotImplementedError("FastLanguageModel.get_peft_model(loftq_config=...) is not supported; pass "
+                                      "loftq_config=None")
         lora_fields = {f.name for f in fields(LoraConfig)} - {"task_type", "peft_type", "target_modules", "r"}
         _reject_kwargs("FastLanguageModel.get_peft_model", {k: v for k, v in kwargs.items() if k not in lora_fields})
         if use_gradient_checkpointing not in (True, False, "unsloth", "offload"):
@@ -160,8 +159,8 @@ def _reject_kwargs(where: str, kwargs: dict, accepted_if: dict | None = None) ->
     bad = {k: v for k, v in kwargs.items() if not (k in accepted_if and v == accepted_if[k])}
     if bad:
         names = ", ".join(f"{k}={v!r}" for k, v in bad.items())
-        raise TypeError(f"{where}: unsupported argument(s) {names} ({_ISSUE}; fastsft implements only the "
-                        f"arguments in its signature)")
+        raise TypeError(f"{where}: unsupported argument(s) {names} (fastsft implements only the arguments in "
+                        f"its signature)")
 
 
 @contextlib.contextmanager
