@@ -130,3 +130,26 @@ def test_build_without_the_headers_falls_back_to_cpp_or_fails_when_required(monk
     assert len(lines) == 1 and "C++-only" in lines[0]  # one line that says why
     with pytest.raises(SystemExit, match="cusparse.h.*FASTSFT_REQUIRE_EXTENSION"):
         _run_setup(monkeypatch, cuda_home=tmp_path, hide_nvidia=True, require=True)
+
+
+def test_setup_env_builds_only_when_an_input_changed(tmp_path):
+    """scripts/setup_env.sh (sourced by test.sh and demo.sh) in a stand-in venv whose python runs this one, except
+    that `python -m pip` only records its call: the second run must not build, FASTSFT_REBUILD=1 must."""
+    venv, calls = tmp_path / "venv", tmp_path / "pip-calls"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$1" = -m ] && [ "$2" = pip ]; then echo "$*" >> "{calls}"; exit 0; fi\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    env = {**os.environ, "FASTSFT_VENV": str(venv)}
+    env.pop("FASTSFT_REBUILD", None)
+
+    def pip_calls(**extra):
+        subprocess.run(["bash", "-c", f'source "{REPO}/scripts/setup_env.sh"'], env={**env, **extra}, check=True,
+                       capture_output=True, timeout=300)
+        return calls.read_text().count("install") if calls.exists() else 0
+
+    assert pip_calls() == 1  # no stamp yet: build
+    assert pip_calls() == 1  # nothing changed: no build
+    assert pip_calls(FASTSFT_REBUILD="1") == 2
