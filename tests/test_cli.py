@@ -99,6 +99,8 @@ def test_train_rejects_unknown_and_doubly_set_sft_arguments(tmp_path, capsys):
     assert "unknown SFTConfig argument under 'sft:': lerning_rate" in err
     config.write_text(yaml.safe_dump({"model": "demo", "dataset": "demo", "sft": {"max_length": 64}}))
     assert "'sft: max_length' is the top-level setting 'max_seq_length'" in _usage_error(capsys, ["train", str(config)])
+    config.write_text(yaml.safe_dump({"model": "demo", "dataset": "demo", "sft": {"lr_scheduler_type": "nope"}}))
+    assert "invalid SFTConfig settings" in _usage_error(capsys, ["train", str(config)])
 
 
 def _tiny_run(model_dir, out, sft=None, **settings):

@@ -243,11 +243,11 @@ def run(settings: TrainSettings) -> dict:
     arguments = sft_arguments(settings)
     resume = resume_checkpoint(settings)
     dataset = load_dataset_file(settings.dataset)
-    set_seed(settings.seed)  # before any weight exists: the LoRA matrices are initialized while loading
     try:
         args = fastsft.SFTConfig(**arguments)
     except (TypeError, ValueError) as exc:  # transformers' and TRL's checks of the values and their combinations
         raise UsageError(f"invalid SFTConfig settings: {' '.join(str(exc).split())}") from None
+    set_seed(settings.seed)  # before any weight exists: the LoRA matrices are initialized while loading
     model, tokenizer = load_model(settings)
     throughput = ThroughputCallback()
     trainer = fastsft.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
