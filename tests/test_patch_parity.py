@@ -43,15 +43,16 @@ def output_dtypes(model, run) -> dict:
     return result, seen
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("with_lora", [False, True], ids=["plain", "lora"])
-def test_bf16_autocast_checkpointed_packed_step_follows_stock(with_lora):
+def test_bf16_autocast_checkpointed_packed_step_follows_stock(with_lora, device):
     """float32 weights, bfloat16 autocast, non-reentrant checkpointing, packed rows (TRL's defaults on a float32
     model): every patched module's output has the dtype of the stock module's, and loss and gradients agree."""
-    input_ids = ids((1, 12))
-    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]])
+    input_ids = ids((1, 12)).to(device)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]], device=device)
     results = {}
     for patched in (False, True):
-        model = lora_model() if with_lora else tiny_model()
+        model = (lora_model() if with_lora else tiny_model()).to(device)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         if patched:
@@ -59,7 +60,7 @@ def test_bf16_autocast_checkpointed_packed_step_follows_stock(with_lora):
             assert {"attention", "rms_norm", "rope", "gated_activation"} <= report.patched.keys(), str(report)
 
         def step():
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 loss = model(input_ids=input_ids, position_ids=position_ids, labels=input_ids).loss
             loss.backward()
             return loss.detach()
