@@ -493,3 +493,13 @@ def test_head_dim_past_the_triton_limit_falls_back_in_auto(monkeypatch):
     got = flash_attention_varlen(q, q, q, cu, 3, backend="auto")
     assert torch.equal(got, flash_attention_varlen(q, q, q, cu, 3, backend="reference"))
     assert backends.fallbacks() == {}
+
+
+def test_triton_double_backward_raises_clearly():
+    if backends.unavailable_reason(OP, "triton", torch.device("cpu")) is not None:
+        pytest.skip("needs the triton backend on the CPU")
+    q = torch.randn(5, 1, 16, requires_grad=True)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    out = flash_attention_varlen(q, q, q, cu, 3, backend="triton")
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)

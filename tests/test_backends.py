@@ -240,3 +240,46 @@ def test_fastsft_backend_env_applies_to_the_ops_that_have_it(monkeypatch):
         warnings.simplefilter("error")  # warned once
         swiglu(x, x)
         rms_norm(x, torch.ones(4), 1e-6)
+
+
+def _rope_tables(seq, dim):
+    angles = torch.arange(seq)[:, None] * torch.rand(dim // 2)[None]
+    angles = torch.cat([angles, angles], -1)  # equal halves, as every transformers model has
+    return angles.cos()[None], angles.sin()[None]
+
+
+def _double_backward_cases():
+    from fastsft.ops import geglu, lora_linear, rope, swiglu
+
+    cos, sin = _rope_tables(3, 4)
+    up, k = torch.randn(3, 6), torch.randn(1, 2, 3, 4)
+    w, a, b = torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2)
+    return {
+        "swiglu": (lambda x, be: swiglu(x, up, backend=be), (3, 6), "triton"),
+        "geglu_tanh": (lambda x, be: geglu(x, up, "tanh", backend=be), (3, 6), "triton"),
+        "rope_triton": (lambda x, be: rope(x, k, cos, sin, backend=be)[0], (1, 2, 3, 4), "triton"),
+        "rope_cuda": (lambda x, be: rope(x, k, cos, sin, backend=be)[0], (1, 2, 3, 4), "cuda"),
+        "lora": (lambda x, be: lora_linear(x, w, a, b, 0.5, backend=be), (3, 6), "triton"),
+    }
+
+
+@pytest.mark.parametrize("case", ["swiglu", "geglu_tanh", "rope_triton", "rope_cuda", "lora"])
+def test_double_backward_matches_reference_or_raises(case):
+    """create_graph=True through a fast backend: second derivatives equal the reference's, or a clear error (a
+    gradient without a graph of its own gave zeros or an unrelated autograd error before)."""
+    fn, shape, backend = _double_backward_cases()[case]
+    op = {"lora": "lora", "rope_triton": "rope", "rope_cuda": "rope"}.get(case, "gated_activation")
+    if backends.unavailable_reason(op, backend, torch.device("cpu")) is not None:
+        pytest.skip(f"needs the {backend} backend on the CPU")
+    x0 = torch.randn(*shape)
+
+    def second(be):
+        x = x0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(fn(x, be).sin().sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), x)[0]
+
+    if case == "lora":
+        with pytest.raises(RuntimeError, match="no double backward"):
+            second(backend)
+        return
+    torch.testing.assert_close(second(backend), second("reference"), rtol=1e-4, atol=1e-5)

@@ -409,3 +409,11 @@ def test_num_items_in_batch_takes_whole_numbers():
     for n in (7, 7.0, torch.tensor(7), torch.tensor(7.0), torch.tensor([7], dtype=torch.int32)):
         got = linear_cross_entropy(h, w, labels, num_items_in_batch=n)
         assert abs(got.item() - expected.item()) <= 1e-5 * abs(expected.item()), n
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] != "reference"])
+def test_double_backward_raises_clearly(device, backend):
+    h, w, labels, _ = make_inputs(6, 8, 20, torch.float32, device)
+    loss = linear_cross_entropy(h, w, labels, backend=backend)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)

@@ -261,3 +261,24 @@ def test_row_width_past_the_triton_limit_falls_back_in_auto(monkeypatch):
     monkeypatch.setattr(backends, "select", lambda op, backend, device: (["triton", "reference"], False))
     got = rms_norm(x, w, EPS, backend="auto")
     assert torch.equal(got, rms_norm(x, w, EPS, backend="reference")) and backends.fallbacks() == {}
+
+
+def _second_derivatives(backend, x, w, r):
+    """d/d(x, w) of |d(sum(sin(y) + s))/dx|^2: a double backward through the op."""
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    out = rms_norm(x, w, EPS, residual=r, backend=backend)
+    y, s = out if r is not None else (out, x)
+    (gx,) = torch.autograd.grad(y.sin().sum() + s.pow(2).sum(), x, create_graph=True)
+    return torch.autograd.grad(gx.pow(2).sum(), (x, w))
+
+
+@pytest.mark.parametrize("device,backend", FAST)
+@pytest.mark.parametrize("residual", [False, True])
+def test_double_backward_matches_reference(device, backend, residual):
+    """create_graph=True: the fast backends' gradients have a graph of their own (they returned 0 before)."""
+    x, w, r = make(5, 24, torch.float32, device, residual=residual)
+    r = None if r is None else r.detach()
+    want = _second_derivatives("reference", x, w, r)
+    got = _second_derivatives(backend, x, w, r)
+    for name, a, b in zip(("x", "weight"), got, want):
+        assert_close(a, b, rtol=1e-5, name=f"second derivative wrt {name}")

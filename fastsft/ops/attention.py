@@ -183,8 +183,17 @@ class _FlashAttnVarlen(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        _no_double_backward()
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
         max_seqlen, scale, causal, window, softcap = ctx.args
         dq, dk, dv = _run("bwd", dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal,
                           window, softcap)
         return dq, dk, dv, None, None, None, None, None, None
+
+
+def _no_double_backward():
+    """A backward pass with create_graph=True would return gradients without a graph of their own: second
+    derivatives silently zero or missing. Raised instead; the reference backend has a double backward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("flash_attention_varlen: the fast backends have no double backward (create_graph=True); use "
+                           "backend='reference'")

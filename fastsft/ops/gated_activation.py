@@ -66,16 +66,23 @@ def _triton_backend(gate, up, activation):
 class _GatedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up, activation, kernels):
-        gate, up = gate.contiguous(), up.contiguous()
+        # the inputs themselves, not contiguous copies: a double backward differentiates through what is saved
         ctx.save_for_backward(gate, up)
         ctx.activation, ctx.kernels = activation, kernels
-        return kernels.gated_activation_forward(gate, up, activation)
+        return kernels.gated_activation_forward(gate.contiguous(), up.contiguous(), activation)
 
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        dgate, dup = ctx.kernels.gated_activation_backward(grad.contiguous(), gate, up, ctx.activation)
-        return (dgate if ctx.needs_input_grad[0] else None, dup if ctx.needs_input_grad[1] else None, None, None)
+        need_gate, need_up = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable, the reference's
+            inputs = [t for t, need in ((gate, need_gate), (up, need_up)) if need]
+            out = reference.gated_activation(gate, up, ctx.activation)
+            grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
+            return (next(grads) if need_gate else None, next(grads) if need_up else None, None, None)
+        dgate, dup = ctx.kernels.gated_activation_backward(grad.contiguous(), gate.contiguous(), up.contiguous(),
+                                                           ctx.activation)
+        return (dgate if need_gate else None, dup if need_up else None, None, None)
 
 
 def gated_activation_forward_fake(gate, up, activation):

@@ -306,6 +306,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
+        _no_double_backward()
         s, (need_h, need_w, need_b) = ctx.settings, ctx.need
         if s.reduction == "none":
             hidden, weight, bias, labels = ctx.saved_tensors
@@ -345,3 +346,11 @@ def cross_entropy_rows_fake(logits, labels, grad_scale, scale, softcap, ignore_i
 
 if _extension.load():
     torch.library.register_fake("fastsft::cross_entropy_rows")(cross_entropy_rows_fake)
+
+
+def _no_double_backward():
+    """A backward pass with create_graph=True would return gradients without a graph of their own: second
+    derivatives silently zero or missing. Raised instead; the reference backend has a double backward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("linear_cross_entropy: the fast backends have no double backward (create_graph=True); use "
+                           "backend='reference'")

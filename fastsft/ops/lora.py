@@ -231,6 +231,7 @@ class _LoraProjections(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        _no_double_backward()
         x, xa = ctx.saved_tensors
         tensors = ctx.tensors
         ws = tensors[0::3]
@@ -305,6 +306,7 @@ class _LoraMlp(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        _no_double_backward()
         x, xa, ha, wg, *params = ctx.saved_tensors
         p_ag, p_bg, wu, p_au, p_bu, wd, p_ad, p_bd = params
         ag, bg, au, bu, ad, bd = ctx.half
@@ -629,3 +631,11 @@ def fused_lora_group_forward(modules, x: torch.Tensor, *, backend: str = "auto",
         _check_projection("lora", str(i), x, *p)
     return tuple(backends.dispatch(OP, backend, x.device, "projections", x, tuple(p for p, _ in parts),
                                    float(parts[0][1]), None, casts))
+
+
+def _no_double_backward():
+    """A backward pass with create_graph=True would return gradients without a graph of their own: second
+    derivatives silently zero or missing. Raised instead; the reference backend has a double backward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("lora: the fast backends have no double backward (create_graph=True); use "
+                           "backend='reference'")

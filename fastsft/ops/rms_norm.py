@@ -120,11 +120,11 @@ def _fast(impl, x, weight, eps, offset, residual):
 class _RmsNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, residual, eps, offset, impl):
-        x = x.contiguous()
         residual = None if residual is None else residual.contiguous()
-        y, s, rstd = impl.forward(x, weight.contiguous(), residual, eps, offset)
+        y, s, rstd = impl.forward(x.contiguous(), weight.contiguous(), residual, eps, offset)
+        # x itself (an input), not a contiguous copy: a double backward differentiates through what is saved
         ctx.save_for_backward(x if residual is None else s, weight, rstd)
-        ctx.impl, ctx.offset, ctx.has_residual = impl, offset, residual is not None
+        ctx.impl, ctx.eps, ctx.offset, ctx.has_residual = impl, eps, offset, residual is not None
         if residual is None:
             return y
         return y, s
@@ -135,10 +135,29 @@ class _RmsNorm(torch.autograd.Function):
         need_x, need_w, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_x or need_w or need_r):
             return None, None, None, None, None, None
-        grad_s = None if grad_s is None else grad_s.contiguous()
-        ds, dw = ctx.impl.backward(grad_y.contiguous(), grad_s, s, weight.contiguous(), rstd, ctx.offset, need_w)
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable, the reference's
+            ds, dw = _differentiable_backward(s, weight, grad_y, grad_s, ctx.eps, ctx.offset, need_w)
+        else:
+            grad_s = None if grad_s is None else grad_s.contiguous()
+            ds, dw = ctx.impl.backward(grad_y.contiguous(), grad_s, s.contiguous(), weight.contiguous(), rstd,
+                                       ctx.offset, need_w)
         return (ds if need_x else None, dw.to(weight.dtype) if need_w else None, ds if need_r else None,
                 None, None, None)
+
+
+def _differentiable_backward(s, weight, grad_y, grad_s, eps, offset, need_w):
+    """The input and weight gradients in plain PyTorch ops (float32 or wider), which autograd can differentiate
+    again. Written out rather than through ``torch.autograd.grad`` of the reference: ``s`` may be this op's own
+    output (with a residual), and a nested grad would then run this backward again, endlessly."""
+    dtype = reference.compute_dtype(s.dtype)
+    sf, g = s.to(dtype), grad_y.to(dtype)
+    rstd = torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)
+    normed = sf * rstd
+    gn = g * (weight.to(dtype) + offset)
+    ds = (rstd * (gn - normed * (gn * normed).mean(-1, keepdim=True))).to(s.dtype)
+    if grad_s is not None:
+        ds = ds + grad_s
+    return ds, (g * normed).sum(0) if need_w else None
 
 
 # --- fakes (shape-only), shared by the compiled and the Triton ops -------------------------------------------

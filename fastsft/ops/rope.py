@@ -96,7 +96,7 @@ def _fast(fn, q, k, cos, sin, *, strided_ok):
     if q.dtype not in _KERNEL_DTYPES:
         raise backends.Unsupported(f"rope: the fast backends take {_KERNEL_DTYPES}, got {q.dtype}; "
                         "use backend='reference' for float64")
-    return _Rope.apply(q, k, _table(cos, q.dtype), _table(sin, q.dtype), fn, strided_ok)
+    return _Rope.apply(q, k, _table(cos, q.dtype), _table(sin, q.dtype), fn, strided_ok, False)
 
 
 def _table(t, dtype):
@@ -114,17 +114,24 @@ def _prepare(t, strided_ok):
 
 
 class _Rope(torch.autograd.Function):
+    """The rotation (``inverse=False``) or its transpose, the rotation by ``-sin`` (``inverse=True``): each is the
+    other's backward, so a double backward runs the kernels again."""
+
     @staticmethod
-    def forward(ctx, q, k, cos, sin, fn, strided_ok):
+    def forward(ctx, q, k, cos, sin, fn, strided_ok, inverse):
         ctx.save_for_backward(cos, sin)
-        ctx.fn, ctx.strided_ok = fn, strided_ok
-        return fn(_prepare(q, strided_ok), _prepare(k, strided_ok), cos, sin, False)
+        ctx.fn, ctx.strided_ok, ctx.inverse = fn, strided_ok, inverse
+        return fn(_prepare(q, strided_ok), _prepare(k, strided_ok), cos, sin, inverse)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
-        dq, dk = ctx.fn(_prepare(grad_q, ctx.strided_ok), _prepare(grad_k, ctx.strided_ok), cos, sin, True)
-        return dq, dk, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the backward through this Function, differentiable
+            dq, dk = _Rope.apply(grad_q, grad_k, cos, sin, ctx.fn, ctx.strided_ok, not ctx.inverse)
+        else:
+            dq, dk = ctx.fn(_prepare(grad_q, ctx.strided_ok), _prepare(grad_k, ctx.strided_ok), cos, sin,
+                            not ctx.inverse)
+        return dq, dk, None, None, None, None, None
 
 
 def rope_fake(q, k, cos, sin, inverse):
