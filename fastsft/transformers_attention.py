@@ -38,6 +38,8 @@ TABLE_PATH = Path(__file__).with_name("attention_table.json")
 _DEFAULT_ORDER = {"packed": ["fastsft", "torch_varlen", "sdpa"], "dense": ["sdpa", "fastsft", "torch_varlen"]}
 
 _forced: str | None = None
+# an attention module's explicit backend (``fastsft.patch(model, backend=...)``): fastsft's op on exactly it
+BACKEND_ATTR = "_fastsft_attention_backend"
 
 
 def register() -> str:
@@ -185,11 +187,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
         max_len = q_len
 
-    case = "packed" if packed else "dense"
-    order = provider_order(case, query.device)
-    usable = [p for p in order if supports(p, device=query.device, dtype=query.dtype, head_dim=head_dim,
-                                           packed=packed, window=window, softcap=softcap)]
-    provider = usable[0] if usable else "fastsft"
+    backend = module.__dict__.get(BACKEND_ATTR, "auto")
+    if backend != "auto":
+        provider = "fastsft"
+    else:
+        case = "packed" if packed else "dense"
+        order = provider_order(case, query.device)
+        usable = [p for p in order if supports(p, device=query.device, dtype=query.dtype, head_dim=head_dim,
+                                               packed=packed, window=window, softcap=softcap)]
+        provider = usable[0] if usable else "fastsft"
     if provider == "sdpa":
         return _sdpa_dense(query, key, value, scaling)
 
@@ -206,7 +212,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             from fastsft.ops import flash_attention_varlen
 
             out = flash_attention_varlen(q, k, v, cu, int(max_len), causal=True, softmax_scale=scaling,
-                                         window=window, softcap=softcap)
+                                         window=window, softcap=softcap, backend=backend)
     return out.view(batch, q_len, q_heads, head_dim), None
 
 

@@ -204,15 +204,40 @@ def test_patch_with_an_explicit_backend_applies_it_where_ops_have_it():
     if backends.unavailable_reason("rms_norm", "cuda", torch.device("cpu")) is not None:
         pytest.skip("needs the compiled extension")
     model = tiny_model()
-    with pytest.warns(UserWarning, match="lora, gated_activation have none and keep 'auto'") as seen:
+    with pytest.warns(UserWarning, match="have none and keep 'auto'") as seen:
         report = fastsft.patch(model, backend="cuda")
-    assert len([w for w in seen if "keep 'auto'" in str(w.message)]) == 1
+    kept = [str(w.message) for w in seen if "keep 'auto'" in str(w.message)]
+    assert len(kept) == 1
+    assert all(op in kept[0] for op in ("flash_attention_varlen", "lora", "gated_activation")), kept[0]
+    assert "rms_norm" not in kept[0] and "rope" not in kept[0]
     assert report.patched["rms_norm"].startswith("cuda")
     assert report.patched["fused_cross_entropy"] == "cuda"
     assert report.patched["gated_activation"].startswith(backends.chosen("gated_activation", torch.device("cpu")))
     ids = torch.randint(0, model.config.vocab_size, (1, 6))
     model(input_ids=ids, labels=ids).loss.backward()
     fastsft.unpatch(model)
+
+
+def test_patch_with_an_explicit_backend_reaches_the_attention(monkeypatch):
+    """``patch(model, backend="reference")``: every attention call of the model runs fastsft's op on the reference
+    backend (it took the card's provider order before, whatever the backend)."""
+    import fastsft
+    from helpers import tiny_model
+
+    calls = []
+    impls = backends._ops["flash_attention_varlen"].impls
+    original = impls["reference"]
+    monkeypatch.setitem(impls, "reference", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    model = tiny_model()
+    report = fastsft.patch(model, backend="reference")
+    assert "reference" in report.patched["attention"], report.patched["attention"]
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == model.config.num_hidden_layers
+    fastsft.unpatch(model)
+    calls.clear()
+    model(input_ids=ids, labels=ids)
+    assert not calls
 
 
 def test_an_explicit_backend_an_op_lacks_raises_on_the_op():

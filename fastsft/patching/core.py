@@ -127,7 +127,8 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
 
 
 _OPS = {"fused_cross_entropy": LINEAR_CROSS_ENTROPY, "rms_norm": "rms_norm", "lora": "lora",
-        "gated_activation": "gated_activation", "rope": "rope"}  # kernel switch -> the op it runs
+        "gated_activation": "gated_activation", "rope": "rope",
+        "attention": "flash_attention_varlen"}  # kernel switch -> the op it runs
 
 
 def _chosen_backend(kernel: str, device, backend: str) -> str:
@@ -152,7 +153,8 @@ def _patch_modules(causal_lm, family, wanted: dict, backend: str, report: PatchR
         report.patched[name] = f"{wanted[name]}: {detail}" if name != "attention" else detail
 
     if "attention" in wanted:
-        apply("attention", lambda: modules.patch_attention(causal_lm, record))
+        apply("attention", lambda: modules.patch_attention(causal_lm, record,
+                                                            backends.for_model("flash_attention_varlen", backend)))
     if "rope" in wanted:
         apply("rope", lambda: rope_patch.patch_rope(causal_lm, backends.for_model("rope", backend), record))
     if "rms_norm" in wanted:

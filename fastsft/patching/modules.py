@@ -85,7 +85,8 @@ class ModulePatches:
     casts_hook: int | None = None  # id of the pre-hook on the decoder stack
 
 
-_MODULE_STATE = ("_fastsft_eps", "_fastsft_lora", "_fastsft_mlp", "_fastsft_group_output")
+_MODULE_STATE = ("_fastsft_eps", "_fastsft_lora", "_fastsft_mlp", "_fastsft_group_output",
+                 "_fastsft_attention_backend")
 
 
 def undo_module_patches(causal_lm, record: ModulePatches) -> None:
@@ -138,9 +139,10 @@ def attention_unsupported(config) -> str | None:
     return None
 
 
-def patch_attention(causal_lm, record: ModulePatches) -> str:
+def patch_attention(causal_lm, record: ModulePatches, backend: str = "auto") -> str:
     """Select transformers' attention implementation ``"fastsft"`` (registered on first use) on a copy of the
-    model's config: models built from one config object share it, and the others stay as they are."""
+    model's config: models built from one config object share it, and the others stay as they are. An explicit
+    ``backend`` is kept on the attention modules, whose every call then runs fastsft's op on exactly it."""
     from fastsft import transformers_attention
 
     shared = causal_lm.config
@@ -148,6 +150,11 @@ def patch_attention(causal_lm, record: ModulePatches) -> str:
     _use_config(causal_lm, shared, own)
     record.attention = (own._attn_implementation, shared, own)
     causal_lm.set_attn_implementation(transformers_attention.register())
+    if backend != "auto":
+        for module in causal_lm.modules():
+            if module.__dict__.get("config") is own and hasattr(module, "head_dim"):  # the attention modules
+                module.__dict__[transformers_attention.BACKEND_ATTR] = backend
+        return f"fastsft on the {backend} backend"
     device = next(causal_lm.parameters()).device
     orders = {case: transformers_attention.provider_order(case, device) for case in ("packed", "dense")}
     return "providers: " + "; ".join(f"{case} {' > '.join(order)}" for case, order in orders.items())
