@@ -13,14 +13,20 @@ import triton
 import triton.language as tl
 
 from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher, next_power_of_2
+from fastsft.triton_kernels.math import tanh
 
 from fastsft.ops.linear_cross_entropy import cross_entropy_rows_fake
 
 
 @triton.jit
-def _tanh(x):
-    # tl has no tanh that also runs under TRITON_INTERPRET; this form is exact enough in fp32.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Scaled logits -> the logits the loss sees (``softcap * tanh(z / softcap)`` with a softcap), and tanh's value
+    for the softcap's derivative (without a softcap, the logits again: unused)."""
+    if HAS_SOFTCAP:
+        t = tanh(z / softcap)
+        return softcap * t, t
+    else:
+        return z, z
 
 
 @triton.jit
@@ -42,9 +48,7 @@ def _cross_entropy_rows_kernel(
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < V
-        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+        z, _ = _capped(tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale, softcap, HAS_SOFTCAP)
         z = tl.where(mask, z, -float("inf"))
         block_max = tl.max(z, axis=0)
         block_arg = tl.argmax(z, axis=0)
@@ -58,9 +62,7 @@ def _cross_entropy_rows_kernel(
 
     z_label = 0.0
     if valid:
-        z_label = tl.load(row_ptr + label).to(tl.float32) * scale
-        if HAS_SOFTCAP:
-            z_label = softcap * _tanh(z_label / softcap)
+        z_label, _ = _capped(tl.load(row_ptr + label).to(tl.float32) * scale, softcap, HAS_SOFTCAP)
     loss = tl.where(valid, lse - z_label, 0.0)
 
     # pass 2: softmax again; entropy = lse - sum(p * z); gradient in place
@@ -69,12 +71,7 @@ def _cross_entropy_rows_kernel(
         for start in range(0, V, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             mask = offs < V
-            raw = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale
-            if HAS_SOFTCAP:
-                t = _tanh(raw / softcap)
-                z = softcap * t
-            else:
-                z = raw
+            z, t = _capped(tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale, softcap, HAS_SOFTCAP)
             p = tl.exp(z - lse)
             if COMPUTE_ENTROPY:
                 pz += tl.sum(tl.where(mask, p * z, 0.0), axis=0)

@@ -37,10 +37,10 @@ import triton
 import triton.language as tl
 
 from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher, launching_directly, next_power_of_2
+from fastsft.triton_kernels.math import tanh
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a kernel may read a global only as a constexpr
 LN2 = tl.constexpr(0.6931471805599453)
-MAX_HEAD_DIM = 256
 
 
 # The packed token count changes with every batch. Triton would compile a variant of each kernel for counts
@@ -48,12 +48,6 @@ MAX_HEAD_DIM = 256
 # 5.7 s step among 0.2 s ones, 1B SFT on an H200). It bounds rows and indexes the log-sum-exp only: no load along
 # the contiguous head dimension depends on it.
 PER_BATCH_ARGS = ["total"]
-
-
-@triton.jit
-def _tanh(x):
-    # tl has no tanh that also runs under TRITON_INTERPRET; this form is exact enough in fp32.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -75,7 +69,7 @@ def _load(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constex
 def _scores(s, qk_scale, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """Raw q.k -> logits in base 2 (times log2 e), and tanh's value for the softcap's derivative."""
     if HAS_SOFTCAP:
-        t = _tanh(s * (sm_scale / softcap))
+        t = tanh(s * (sm_scale / softcap))
         return t * (softcap * LOG2E), t  # tensor first: the interpreter keeps constexpr * tensor a constexpr
     else:
         return s * qk_scale, s
@@ -447,10 +441,9 @@ TABLE_NAME = "attention_kernel_table.json"  # in the fastsft package, next to ba
 LONG_SEQLEN = 2048  # max_seqlen above this uses the table's "long" entries (dense rows), else "short" (packed)
 
 # bf16/fp16 on a card not in the table: per kernel and head dim, the configuration with the best time summed over
-# packed and dense rows in the H200 tuning at 15488c7 (bench/results/tune_attention.json at that commit). BLOCK_M is
-# the query block and BLOCK_N the key block of every kernel; shared memory holds the streamed operand per stage (a
-# card with less shared memory than a Hopper one fails to launch some: the op then falls back to the next attention
-# backend with a warning).
+# packed and dense rows in an H200 tuning (bench.tune_attention). BLOCK_M is the query block and BLOCK_N the key
+# block of every kernel; shared memory holds the streamed operand per stage (a card with less shared memory than a
+# Hopper one fails to launch some: the op then falls back to the next attention backend with a warning).
 _DEFAULTS = {
     ("fwd", 64): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
     ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=4),

@@ -11,16 +11,11 @@ import triton
 import triton.language as tl
 
 from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher
+from fastsft.triton_kernels.math import tanh
 
 from fastsft.ops.gated_activation import ACTIVATION_CODES, gated_activation_backward_fake, gated_activation_forward_fake
 
 _BLOCK = 1024
-
-
-@triton.jit
-def _tanh(x):
-    # tl has no tanh that also runs under TRITON_INTERPRET; this form is exact enough in fp32.
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -39,11 +34,22 @@ def _act_and_grad(g, ACT: tl.constexpr, WANT_GRAD: tl.constexpr):
             d = cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
     else:
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        t = _tanh(inner)
+        t = tanh(inner)
         a = 0.5 * g * (1.0 + t)
         if WANT_GRAD:
             d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
     return a, d
+
+
+@triton.jit
+def _store_gated_grads(dgate_ptr, dup_ptr, offs, mask, dy, g, u, ACT: tl.constexpr):
+    """Stores d gate and d up of ``sum(dy * act(g) * u)`` (float32 blocks of dy, gate and up) and returns act(g).
+    The stores are in here, not in the callers: computing the products first and storing them in the caller
+    compiles to other sm_90 code (instruction order and registers), this to the code of the math written inline."""
+    a, d = _act_and_grad(g, ACT, True)
+    tl.store(dgate_ptr + offs, (dy * u * d).to(dgate_ptr.dtype.element_ty), mask=mask)
+    tl.store(dup_ptr + offs, (dy * a).to(dup_ptr.dtype.element_ty), mask=mask)
+    return a
 
 
 @triton.jit
@@ -64,9 +70,7 @@ def _gated_backward_kernel(grad_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, AC
     dy = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a, d = _act_and_grad(g, ACT, True)
-    tl.store(dgate_ptr + offs, (dy * u * d).to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + offs, (dy * a).to(dup_ptr.dtype.element_ty), mask=mask)
+    _store_gated_grads(dgate_ptr, dup_ptr, offs, mask, dy, g, u, ACT)
 
 
 @eager_direct_triton_op("fastsft::gated_activation_forward_triton", mutates_args={})

@@ -4,8 +4,8 @@ Forward: ``gate <- act(gate) * up`` (the activation overwrites the gate projecti
 Backward: from the recomputed ``gate`` and ``up`` projections and the gradient ``grad_h`` of the activation, one
 pass writes ``gate <- d gate``, ``up <- d up`` and ``grad_h <- act(gate) * up`` (the recomputed activation, which
 the down projection's adapter gradient needs). Each element is read and written by one program only, so the
-in-place writes are safe. Float32 math, 64-bit offsets; the activation math is shared with
-``gated_activation.py``.
+in-place writes are safe. Float32 math, 64-bit offsets; the forward kernel and the backward's element-wise math
+and gradient stores are ``gated_activation.py``'s.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import triton.language as tl
 from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher
 
 from fastsft.ops.gated_activation import ACTIVATION_CODES
-from fastsft.triton_kernels.gated_activation import _act_and_grad, _gated_forward_kernel
+from fastsft.triton_kernels.gated_activation import _gated_forward_kernel, _store_gated_grads
 
 _BLOCK = 1024
 
@@ -29,9 +29,7 @@ def _lora_gated_backward_kernel(grad_h_ptr, gate_ptr, up_ptr, n, ACT: tl.constex
     dh = tl.load(grad_h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a, d = _act_and_grad(g, ACT, True)
-    tl.store(gate_ptr + offs, (dh * u * d).to(gate_ptr.dtype.element_ty), mask=mask)
-    tl.store(up_ptr + offs, (dh * a).to(up_ptr.dtype.element_ty), mask=mask)
+    a = _store_gated_grads(gate_ptr, up_ptr, offs, mask, dh, g, u, ACT)  # d gate, d up over gate, up
     tl.store(grad_h_ptr + offs, (a * u).to(grad_h_ptr.dtype.element_ty), mask=mask)
 
 
