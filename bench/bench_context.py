@@ -1,4 +1,4 @@
-"""Long context (issue 7): QLoRA r=32 memory and speed at 2048 x 2, and the longest batch-1 sequence that fits
+"""Long context: QLoRA r=32 memory and speed at 2048 x 2, and the longest batch-1 sequence that fits
 under a memory cap, for stock TRL+PEFT+bitsandbytes and for fastsft, each case in its own process on one GPU.
 
     python -m bench.bench_context --fixed --out bench/results                     # 2048 x 2: peak memory, tokens/s
@@ -54,7 +54,7 @@ runs' included), ``seconds``, and from the trial at ``fitted_tokens``: peak rese
 the wall time of its one ``train()`` (``step_s``; includes setting up the dataloader and optimizer); every trial
 is listed in the JSON (``trial_log``).
 
-Targets (issue 7), checked from the measured rows: fastsft 8B QLoRA at 2048 x 2 in at most 7 GiB peak allocated
+Targets, checked from the measured rows: fastsft 8B QLoRA at 2048 x 2 in at most 7 GiB peak allocated
 memory (best fastsft mode), and at least 350,000 tokens fitting under the 80 GiB cap (met when a trial of N >=
 350,000 fit, not met when one of N <= 350,000 failed, undecided otherwise). ``--model tiny`` without a GPU runs
 the same processes on the CPU (no 4-bit, no memory numbers, targets not evaluated); ``--cpu-fake-limit`` is for
@@ -433,7 +433,7 @@ def run_max_context(a: argparse.Namespace, checkpoint: str | None, caps: list[fl
 # --- targets -------------------------------------------------------------------------------------------------------
 
 def targets(fixed: list[dict], context: list[dict], measured: bool, fixed_measured: bool | None = None) -> dict:
-    """Issue 7's targets from the rows: met True/False, or None when the rows cannot decide or are not the real
+    """The long-context targets from the rows: met True/False, or None when the rows cannot decide or are not the real
     8B QLoRA on a GPU (``measured`` False; ``fixed_measured``, default ``measured``: the same for the fixed rows,
     which must also be at 2048 x 2)."""
     fixed_measured = measured if fixed_measured is None else fixed_measured

@@ -12,7 +12,7 @@ LoRA r=16, alpha=32 on every projection, frozen base weights. Providers, all on 
 - ``fastsft``: ``fastsft.ops.lora_mlp`` / ``lora_qkv`` + ``lora_linear`` (the O projection).
 Rows: median time with p20/p80, speed-up over PEFT, overhead over ``no-adapter``, the bytes the autograd graph
 keeps for backward (weights and adapters excluded) and the peak memory of one forward+backward above the inputs.
-Targets (issue 5): the MLP block >= 1.4x faster than PEFT, and <= 10% over ``no-adapter``.
+Targets: the MLP block >= 1.4x faster than PEFT, and <= 10% over ``no-adapter``.
 """
 
 from __future__ import annotations

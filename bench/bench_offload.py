@@ -10,7 +10,7 @@ the last hidden states), so the rows differ only in what the checkpointing does.
 layers at 1 x 4096 tokens (under 3 minutes on one H200); the full run all 32 at 1 x 8192. ``--model tiny`` runs a
 tiny stack on the CPU (wall-clock timing, no memory column) to check the script end to end.
 
-Rows: median time with p20/p80, overhead over plain checkpointing (issue 7's target: offload <= 10% at 8B), peak
+Rows: median time with p20/p80, overhead over plain checkpointing (the target: offload <= 10% at 8B), peak
 memory of one step above the weights and inputs, and the bytes of the layer inputs that offloading moves to the
 host (``layer_inputs_GiB``): the memory it should save over plain checkpointing.
 """

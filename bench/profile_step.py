@@ -1,4 +1,4 @@
-"""How busy the GPU is during a packed SFT training step (issue #4: at least 90% of the step).
+"""How busy the GPU is during a packed SFT training step (the target: at least 90% of the step).
 
     python -m bench.profile_step --model llama-1b --batch 4 --max-length 2048 --out bench/results
     python -m bench.profile_step --model llama-8b --batch 2 --max-length 2048 --provider trl --trace /tmp/traces
@@ -356,7 +356,7 @@ def main(argv=None) -> dict:
     a = parser.parse_args(argv)
     if a.steps < 1:
         parser.error("--steps: at least one active step")
-    a.packing = True  # the issue's criterion is about packed steps
+    a.packing = True  # the 90% target is about packed steps
     a.name = a.name or f"profile_{a.model}_{a.provider}_b{a.batch}_{a.max_length}{bench_sft.optim_suffix(a)}"
 
     result = profile(a)

@@ -68,9 +68,9 @@ PRESETS: dict[str, dict[int, list[Entry]]] = {
     # The fuller preset in three calls: every op at two shapes, and the 8B matrix (2048 and 8192 tokens, packing
     # on and off, LoRA and QLoRA) with the 1B shape beside it. The kernel modules are spread over the parts (the
     # whole suite at two shapes does not fit one call). Caps: about 1.2x each entry's time in a run of the three
-    # parts side by side on a 4 x H200 machine (43728c3); the linear cross-entropy module, cut short there (18 of
-    # 24 cases in 150 s) and again on a 2 x H200 machine (21 in 240 s), gets 290 s (all 24 in 198 s on one H200).
-    # Three calls on one H200, one part each, at 446f61a: 356, 316 and 364 s, every entry within its cap.
+    # parts side by side on a 4 x H200 machine; the linear cross-entropy module, cut short there (18 of 24 cases in
+    # 150 s) and again on a 2 x H200 machine (21 in 240 s), gets 290 s (all 24 in 198 s on one H200).
+    # Three calls on one H200, one part each: 356, 316 and 364 s, every entry within its cap.
     "full": {1: [*_kernel_modules({"attention": 120, "linear_cross_entropy": 290, "rope": 55, "rms_norm": 55},
                                   collect_s=15)],
              2: [_sft("llama-8b", "--packing", batch=2, timeout_s=175),

@@ -3,7 +3,7 @@
 Each Triton op is a ``torch.library.triton_op`` (so ``torch.compile`` and export see a custom op whose kernels they
 can trace through ``wrap_triton``). Calling that op from eager code goes through the dispatcher, the autograd and
 fake-mode layers and a dynamo-disable wrapper on every call: with the kernel launch stubbed out, 27 us per call
-against 15 us for the function itself (RMSNorm forward, on the 2-core CI machine), paid by every norm, activation
+against 15 us for the function itself (RMSNorm forward, on a 2-core CPU machine), paid by every norm, activation
 and attention call of every layer, every step. :func:`eager_direct_triton_op`
 keeps the op and adds a direct path: an eager call on plain tensors runs the function itself with its kernels
 launched as they are (:func:`launcher` inside :func:`direct_launch`); anything else (compiling, fake or functional
