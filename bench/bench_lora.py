@@ -201,7 +201,7 @@ def main(argv=None) -> int:
     targets = {"mlp_speedup_vs_peft": mlp["fastsft"]["speedup_vs_peft"], "mlp_speedup_target": 1.4,
                "mlp_overhead_vs_no_adapter": mlp["fastsft"]["overhead_vs_no_adapter"], "mlp_overhead_target": 0.10}
     targets["met"] = (targets["mlp_speedup_vs_peft"] >= 1.4 and targets["mlp_overhead_vs_no_adapter"] <= 0.10)
-    config = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in c.__dict__.items()}
+    config = harness.config_dict(c)
     harness.write(rows, args.out, "lora", COLUMNS, "LoRA projections, forward+backward (Llama-3.1-8B shapes)",
                   extra={"config": config, "targets": targets})
     print((args.out / "lora.md").read_text())

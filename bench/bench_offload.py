@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     targets = {"offload_overhead_vs_plain": offload["overhead_vs_plain"], "offload_overhead_target": 0.10,
                "met": offload["overhead_vs_plain"] <= 0.10 if c.model == "llama-8b" else None,  # a target at 8B
                "note": f"{c.layers} of {MODELS[c.model][5]} layers" + (" (quick)" if args.quick else "")}
-    config = {k: str(v) if isinstance(v, torch.dtype) else v for k, v in c.__dict__.items()}
+    config = harness.config_dict(c)
     name = "offload" if c.model == "llama-8b" else f"offload_{c.model}"
     harness.write(rows, args.out, name, COLUMNS,
                   f"Offloaded gradient checkpointing, LoRA forward+backward ({c.model} shapes, {targets['note']})",

@@ -155,6 +155,11 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def config_dict(config) -> dict:
+    """A benchmark's config dataclass as the ``config`` of its JSON results (dtypes by name)."""
+    return {k: str(v) if isinstance(v, torch.dtype) else v for k, v in config.__dict__.items()}
+
+
 def write(rows: list[dict], out_dir: Path, name: str, columns: list[str], title: str,
           extra: dict | None = None, env: dict | None = None) -> None:
     """``<name>.json`` (environment, ``extra`` and rows) and ``<name>.md`` (a table of ``columns``); ``env``
