@@ -3,7 +3,7 @@
     python -m bench.bench_sft --model llama-1b --providers trl,trl-liger,fastsft --packing --out bench/results
     python -m bench.bench_sft --model llama-8b --packing --seq-len 8192 --batch 1 --qlora
 
-The setup follows ../shared/docs/ANCHORS.md: random-init weights in the shape of a real model, bf16, LoRA r=16,
+The setup: random-init weights in the shape of a real model, bf16, LoRA r=16,
 alpha 16, dropout 0 on q,k,v,o,gate,up,down, AdamW, SDPA attention, non-reentrant gradient checkpointing;
 synthetic chat rows (user 20-300 words, assistant 50-1200 words, at 1.3 tokens a word) pre-tokenized with an
 assistant mask, so only assistant tokens carry the loss. Tokens/s counts non-padding input tokens after the
@@ -20,8 +20,8 @@ before the providers start):
   each example (forward 4·head_dim·heads per pair and layer, backward 2.5x the forward), with the example lengths
   of the generated data standing in for the batches actually timed (packing keeps examples apart).
 - ``hfu`` adds what gradient checkpointing recomputes: the decoder layers' forward once more (2·N of the layers,
-  the adapters' and attention's forward). This is the "checkpointed FLOP limit" of ANCHORS.md (Llama-3.1-8B at
-  2048 tokens: about 46 GFLOP per token, 32 without the recomputation); without checkpointing hfu = mfu.
+  the adapters' and attention's forward). This is the checkpointed FLOP limit (Llama-3.1-8B at 2048 tokens: about
+  46 GFLOP per token, 32 without the recomputation); without checkpointing hfu = mfu.
 Embeddings, norms, activations, the optimizer and NF4 dequantization count nothing.
 """
 

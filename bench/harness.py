@@ -1,6 +1,6 @@
 """Shared benchmark plumbing: environment rows, GPU timing, peak memory, result files.
 
-Timing follows ../shared METHOD: CUDA events around the region (``triton.testing.do_bench``), warm-up first, median
+Timing: CUDA events around the region (``triton.testing.do_bench``), warm-up first, median
 with p20/p80 of many runs. :func:`device_time_ms` times the same region with its launches queued behind a spinning
 kernel, so that the host's time to launch it is hidden: the kernels' own time, for bandwidth figures of ops that are
 quicker on the device than their launches are on the host. Memory is the peak allocated during one call minus what

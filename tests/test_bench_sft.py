@@ -7,8 +7,8 @@ import pytest
 from bench import bench_sft
 
 
-def test_flop_per_token_matches_the_anchors():
-    # ANCHORS.md: Llama-3.1-8B at 2048 tokens, LoRA r=16 on all linear layers: about 32 GFLOP per token, 46 with
+def test_flop_per_token_matches_the_published_counts():
+    # Llama-3.1-8B at 2048 tokens, LoRA r=16 on all linear layers: about 32 GFLOP per token, 46 with
     # gradient checkpointing's recomputation
     flop = bench_sft.flop_per_token("llama-8b", [2048] * 4)
     assert flop["model"] / 1e9 == pytest.approx(32.2, abs=0.1)
