@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,26 @@ def tiny_model(model_type="llama", seed=0, **overrides):
     config = AutoConfig.for_model(model_type, **{**TINY, **FAMILY_OVERRIDES.get(model_type, {}), **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def eager_attention(q, k, v, cu, *, causal=True, softmax_scale=None, window=None, softcap=None):
+    """PyTorch attention in the inputs' dtype (scores and P @ V in that dtype, softmax in float32), per sequence:
+    what an unfused implementation computes, whose error sets the tolerance."""
+    from fastsft.reference.attention import attention_mask
+
+    group = q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    outs = [q[:0]]
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if e == s:
+            continue
+        qs = q[s:e].transpose(0, 1)
+        ks = k[s:e].transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[s:e].transpose(0, 1).repeat_interleave(group, 0)
+        scores = (qs @ ks.transpose(1, 2)) * scale
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
+        keep = attention_mask(e - s, causal=causal, window=window, device=q.device)
+        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
+        outs.append((probs @ vs).transpose(0, 1))
+    return torch.cat(outs)

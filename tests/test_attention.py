@@ -5,7 +5,6 @@ tokens, a few heads, small blocks so that every sequence spans several); the GPU
 take bfloat16, every head dim and 8k packed tokens.
 """
 
-import math
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ import torch
 from fastsft import backends
 from fastsft.ops import flash_attention_varlen
 from fastsft.reference import attention as ref
-from helpers import DEVICES, assert_close, assert_close_to_baseline, backend_params, opcheck_triton
+from helpers import (DEVICES, assert_close, assert_close_to_baseline, backend_params, eager_attention,
+                     opcheck_triton)
 
 OP = "flash_attention_varlen"
 CASES = [pytest.param(d, b.values[0], id=f"{d}-{b.id}", marks=b.marks) for d in DEVICES for b in backend_params(OP, d)]
@@ -381,24 +381,11 @@ def test_traceable_by_torch_compile(device, backend):
 
 # --- GPU: the sizes that matter ------------------------------------------------------------------------------
 
-def same_dtype_baseline(q, k, v, cu, *, causal=True, softmax_scale=None, window=None, softcap=None):
-    """What eager attention does in the input dtype: scores and P@V in that dtype, softmax in float32."""
+def same_dtype_baseline(q, k, v, cu, **kw):
+    """What eager attention does in the input dtype (:func:`helpers.eager_attention`), forward and q/k/v
+    gradients of the same upstream gradient as :func:`run`."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    outs = []
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        qs = q[s:e].transpose(0, 1)
-        ks = k[s:e].transpose(0, 1).repeat_interleave(group, 0)
-        vs = v[s:e].transpose(0, 1).repeat_interleave(group, 0)
-        scores = (qs @ ks.transpose(1, 2)) * scale
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        keep = ref.attention_mask(e - s, causal=causal, window=window, device=q.device)
-        scores = scores.masked_fill(~keep, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        outs.append((probs @ vs).transpose(0, 1))
-    out = torch.cat(outs)
+    out = eager_attention(q, k, v, cu, **kw)
     upstream = torch.linspace(-1.0, 1.0, out.numel(), dtype=torch.float64, device=out.device).view_as(out)
     (out * upstream.to(out.dtype)).sum().backward()
     return out, q.grad, k.grad, v.grad

@@ -12,7 +12,6 @@ table chooses. The whole grid (``-m grid``, a few minutes on an H200 with ``-n 8
 take.
 """
 
-import math
 import zlib
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 
 from fastsft.ops import flash_attention_varlen
 from fastsft.reference import attention as ref
+from helpers import eager_attention
 
 pytestmark = pytest.mark.gpu
 
@@ -119,27 +119,6 @@ def _grads(fn, q, k, v, upstream):
     out = fn(q, k, v)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), upstream.to(out.dtype))
     return out, dq, dk, dv
-
-
-def eager_attention(q, k, v, cu, *, causal=True, softmax_scale=None, window=None, softcap=None):
-    """PyTorch attention in the inputs' dtype (scores and P @ V in that dtype, softmax in float32), per sequence:
-    what an unfused implementation computes, whose error sets the tolerance."""
-    group = q.shape[1] // k.shape[1]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    outs = [q[:0]]
-    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        if e == s:
-            continue
-        qs = q[s:e].transpose(0, 1)
-        ks = k[s:e].transpose(0, 1).repeat_interleave(group, 0)
-        vs = v[s:e].transpose(0, 1).repeat_interleave(group, 0)
-        scores = (qs @ ks.transpose(1, 2)) * scale
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        keep = ref.attention_mask(e - s, causal=causal, window=window, device=q.device)
-        probs = torch.softmax(scores.masked_fill(~keep, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
-        outs.append((probs @ vs).transpose(0, 1))
-    return torch.cat(outs)
 
 
 def assert_within_eager_error(name, got, want, eager):
