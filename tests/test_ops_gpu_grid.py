@@ -9,9 +9,9 @@ per dtype. Every buffer PyTorch allocates uninitialized starts as NaN (``poisone
 to write fails the test instead of passing by luck.
 
 All tests are ``@pytest.mark.gpu`` and ``@pytest.mark.grid`` (``scripts/gpu_check.sh``'s ``test-grid`` stage; the
-quick GPU cases of each op are in its own test file). ``FASTSFT_GRID_DEVICE=cpu`` runs the same test code on the CPU (Triton in its
-interpreter, the ``cuda`` backend as the extension's C++ kernels), float32 and small cases only: a check of the tests
-themselves, not of the kernels' GPU code.
+quick GPU cases of each op are in its own test file). ``FASTSFT_GRID_DEVICE=cpu`` runs the same test code on the
+CPU (Triton in its interpreter, the ``cuda`` backend as the extension's C++ kernels), float32 and small cases only:
+a check of the tests themselves, not of the kernels' GPU code.
 """
 
 import math

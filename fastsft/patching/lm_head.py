@@ -2,8 +2,8 @@
 
 Called with ``labels`` (or ``shift_labels``), it runs the backbone and computes the loss with
 :func:`fastsft.ops.linear_cross_entropy`, never materializing the [batch, seq, vocab] logits: the output's
-``logits`` is ``None`` (with ``return_dict=False``, the tuple's second item: the layout is stock's). Called without labels it is the model's original forward, so generation and
-logit-based evaluation are unchanged.
+``logits`` is ``None`` (with ``return_dict=False``, the tuple's second item: the layout is stock's). Called
+without labels it is the model's original forward, so generation and logit-based evaluation are unchanged.
 
 Two loss modes:
 - default (what ``model(**batch, labels=...)`` does in transformers): mean loss over labelled tokens, or the sum
