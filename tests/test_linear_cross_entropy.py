@@ -392,15 +392,28 @@ def test_degenerate_call_raises_and_leaves_the_backend_usable(monkeypatch):
     assert abs(loss.item() - expected.item()) <= 1e-5 * abs(expected.item())
 
 
-@pytest.mark.parametrize("bad", [0, -3, 2.5, float("nan"), float("inf"), torch.tensor(0), torch.tensor(-1),
-                                 torch.tensor(2.5), torch.tensor([3, 4])],
-                         ids=["0", "neg", "frac", "nan", "inf", "t0", "tneg", "tfrac", "t2elem"])
-def test_num_items_in_batch_must_be_a_positive_count(bad):
-    """transformers passes the count of labelled tokens (an int64 tensor): 0, negative or fractional values are
-    an error, not silently taken as 1."""
+@pytest.mark.parametrize("bad", [-3, 2.5, float("nan"), float("inf"), torch.tensor(-1), torch.tensor(2.5),
+                                 torch.tensor([3, 4])],
+                         ids=["neg", "frac", "nan", "inf", "tneg", "tfrac", "t2elem"])
+def test_num_items_in_batch_must_be_a_count(bad):
+    """transformers passes the count of labelled tokens (an int64 tensor): negative or fractional values are an
+    error, not silently taken as 1."""
     h, w, labels, _ = make_inputs(6, 8, 20, torch.float32, "cpu")
     with pytest.raises((ValueError, TypeError), match="num_items_in_batch"):
         linear_cross_entropy(h, w, labels, num_items_in_batch=bad)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("zero", [0, torch.tensor(0)], ids=["int", "tensor"])
+def test_no_labelled_token_in_the_whole_batch_gives_zero(device, backend, zero):
+    """num_items_in_batch 0 (a whole accumulated batch without labels: a trainer passes it) is a loss of 0 with zero
+    gradients, as a mean over no labelled token is; it must not stop training."""
+    h, w, labels, _ = make_inputs(6, 8, 20, torch.float32, device)
+    h.requires_grad_(True)
+    labels = torch.full_like(labels, -100)
+    loss = linear_cross_entropy(h, w, labels, num_items_in_batch=zero, backend=backend)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0
 
 
 def test_num_items_in_batch_takes_whole_numbers():

@@ -123,8 +123,10 @@ def _check(hidden, weight, labels, bias, reduction, softcap, logit_scale, chunk_
 
 def _check_num_items(n):
     """The number of labelled tokens that ``mean`` divides by (transformers passes an int64 device tensor): a whole
-    number > 0, as a Python number or a one-element tensor. A CUDA tensor is checked by an asynchronous device
-    assert (no host sync); tensors are not checked while compiling."""
+    number >= 0, as a Python number or a one-element tensor. 0 is a real case (no labelled token in the whole
+    accumulated batch, so none in this micro-batch either): the loss is then 0, as for a mean over no labelled
+    token, where an unfused loss would divide 0 by 0. A CUDA tensor is checked by an asynchronous device assert (no
+    host sync); tensors are not checked while compiling."""
     name = "linear_cross_entropy: num_items_in_batch"
     if isinstance(n, torch.Tensor):
         if n.numel() != 1 or n.dtype == torch.bool or n.is_complex():
@@ -133,18 +135,18 @@ def _check_num_items(n):
         if torch.compiler.is_compiling():
             return
         if n.device.type != "cpu":
-            ok = n > 0
+            ok = n >= 0
             if n.is_floating_point():
                 ok = ok & torch.isfinite(n) & (n == n.round())
-            torch._assert_async(ok.reshape(()), f"{name} must be a whole number > 0")
+            torch._assert_async(ok.reshape(()), f"{name} must be a whole number >= 0")
             return
         value = n.item()
     elif isinstance(n, bool) or not isinstance(n, numbers.Real):
         raise TypeError(f"{name} must be a number or a one-element tensor, got {type(n).__name__}")
     else:
         value = n
-    if not (math.isfinite(value) and value > 0 and value == int(value)):
-        raise ValueError(f"{name} must be a whole number > 0 (the count of labelled tokens), got {value}")
+    if not (math.isfinite(value) and value >= 0 and value == int(value)):
+        raise ValueError(f"{name} must be a whole number >= 0 (the count of labelled tokens), got {value}")
 
 
 def _check_label_range(labels, vocab, ignore_index):
