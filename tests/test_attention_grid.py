@@ -20,6 +20,7 @@ import torch
 from fastsft.ops import flash_attention_varlen
 from fastsft.reference import attention as ref
 from helpers import eager_attention
+from test_attention import poisoned  # noqa: F401 (a fixture: NaN-filled launcher buffers)
 
 pytestmark = pytest.mark.gpu
 
@@ -87,17 +88,6 @@ def kernels(request, monkeypatch):
         assert sorted(set(launches)) == ["launch_dkdv_tma", "launch_dq_tma", "launch_fwd_tma"]
     else:
         yield None
-
-
-@pytest.fixture
-def poisoned(monkeypatch):
-    """Every buffer the launchers allocate starts as NaN: an element the kernels forget stays NaN."""
-    from fastsft.triton_kernels import flash_attention as fa
-
-    def nan_empty(shape, like, dtype=None):
-        return torch.full(shape, float("nan"), device=like.device, dtype=like.dtype if dtype is None else dtype)
-
-    monkeypatch.setattr(fa, "_empty", nan_empty)
 
 
 def packed_inputs(lengths, hq, hkv, d, dtype, *, kv_packed, scale=1.0, seed=0):
