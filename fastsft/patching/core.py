@@ -19,7 +19,7 @@ import torch
 
 from fastsft import backends
 from fastsft.ops.linear_cross_entropy import OP as LINEAR_CROSS_ENTROPY
-from fastsft.patching import modules, rope as rope_patch
+from fastsft.patching import attention as attention_patch, modules, rope as rope_patch
 from fastsft.patching.families import FAMILIES, KERNELS
 from fastsft.patching.lm_head import STATE_ATTR, PatchState, make_forward
 from fastsft.patching.report import PatchReport
@@ -104,7 +104,7 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
     if kept_auto := backends.lacking([_OPS[name] for name in wanted if _OPS.get(name)], backend):
         warnings.warn(f"fastsft: backend={backend!r} applies to the ops that have it; {', '.join(kept_auto)} "
                       f"{'has' if len(kept_auto) == 1 else 'have'} none and keep 'auto'", UserWarning, stacklevel=2)
-    if "attention" in wanted and (reason := modules.attention_unsupported(config)):
+    if "attention" in wanted and (reason := attention_patch.attention_unsupported(config)):
         wanted.pop("attention")
         report.skipped["attention"] = reason
     if ("gated_activation" in wanted or "lora" in wanted) and modules.activation_of(config) is None:
@@ -153,7 +153,7 @@ def _patch_modules(causal_lm, family, wanted: dict, backend: str, report: PatchR
         report.patched[name] = f"{wanted[name]}: {detail}" if name != "attention" else detail
 
     if "attention" in wanted:
-        apply("attention", lambda: modules.patch_attention(causal_lm, record,
+        apply("attention", lambda: attention_patch.patch_attention(causal_lm, record,
                                                             backends.for_model("flash_attention_varlen", backend)))
     if "rope" in wanted:
         apply("rope", lambda: rope_patch.patch_rope(causal_lm, backends.for_model("rope", backend), record))
