@@ -15,7 +15,7 @@ import triton.language as tl
 from fastsft.triton_kernels.launch import eager_direct_triton_op, launcher, next_power_of_2
 from fastsft.triton_kernels.math import tanh
 
-from fastsft.ops.linear_cross_entropy import cross_entropy_rows_fake
+from fastsft.fakes import cross_entropy_rows_fake
 
 
 @triton.jit

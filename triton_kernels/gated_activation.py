@@ -13,7 +13,9 @@ import triton.language as tl
 from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher
 from fastsft.triton_kernels.math import tanh
 
-from fastsft.ops.gated_activation import ACTIVATION_CODES, gated_activation_backward_fake, gated_activation_forward_fake
+from fastsft.fakes import gated_activation_backward_fake, gated_activation_forward_fake
+
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}  # the kernels' ACT argument
 
 _BLOCK = 1024
 

@@ -16,8 +16,7 @@ import triton.language as tl
 
 from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher
 
-from fastsft.ops.gated_activation import ACTIVATION_CODES
-from fastsft.triton_kernels.gated_activation import _gated_forward_kernel, _store_gated_grads
+from fastsft.triton_kernels.gated_activation import ACTIVATION_CODES, _gated_forward_kernel, _store_gated_grads
 
 _BLOCK = 1024
 

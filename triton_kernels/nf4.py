@@ -17,7 +17,7 @@ import triton.language as tl
 
 from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher
 
-from fastsft.ops.nf4 import dequantize_nf4_fake
+from fastsft.fakes import dequantize_nf4_fake
 
 BYTES = 1024  # packed bytes a program (2048 elements)
 

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from fastsft.triton_kernels.launch import cdiv, eager_direct_triton_op, launcher, next_power_of_2
 
-from fastsft.ops.rms_norm import rms_norm_backward_fake, rms_norm_forward_fake
+from fastsft.fakes import rms_norm_backward_fake, rms_norm_forward_fake
 
 
 @triton.jit

@@ -14,7 +14,6 @@ from fastsft.reference import gated_activation as reference
 
 OP = "gated_activation"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
@@ -58,18 +57,20 @@ def _triton_backend(gate, up, activation):
     if gate.dtype not in _KERNEL_DTYPES:
         raise backends.Unsupported(f"gated activation: the triton backend takes {_KERNEL_DTYPES}, got {gate.dtype}; "
                         "use backend='reference' for float64")
-    from fastsft.triton_kernels import gated_activation as kernels
-
-    return _GatedActivation.apply(gate, up, activation, kernels)
+    return _GatedActivation.apply(gate, up, activation)
 
 
 class _GatedActivation(torch.autograd.Function):
+    """The Triton kernels' forward and backward."""
+
     @staticmethod
-    def forward(ctx, gate, up, activation, kernels):
+    def forward(ctx, gate, up, activation):
+        from fastsft.triton_kernels.gated_activation import gated_activation_forward
+
         # the inputs themselves, not contiguous copies: a double backward differentiates through what is saved
         ctx.save_for_backward(gate, up)
-        ctx.activation, ctx.kernels = activation, kernels
-        return kernels.gated_activation_forward(gate.contiguous(), up.contiguous(), activation)
+        ctx.activation = activation
+        return gated_activation_forward(gate.contiguous(), up.contiguous(), activation)
 
     @staticmethod
     def backward(ctx, grad):
@@ -79,15 +80,10 @@ class _GatedActivation(torch.autograd.Function):
             inputs = [t for t, need in ((gate, need_gate), (up, need_up)) if need]
             out = reference.gated_activation(gate, up, ctx.activation)
             grads = iter(torch.autograd.grad(out, inputs, grad, create_graph=True))
-            return (next(grads) if need_gate else None, next(grads) if need_up else None, None, None)
-        dgate, dup = ctx.kernels.gated_activation_backward(grad.contiguous(), gate.contiguous(), up.contiguous(),
-                                                           ctx.activation)
-        return (dgate if need_gate else None, dup if need_up else None, None, None)
+            return (next(grads) if need_gate else None, next(grads) if need_up else None, None)
+        from fastsft.triton_kernels.gated_activation import gated_activation_backward
+
+        dgate, dup = gated_activation_backward(grad.contiguous(), gate.contiguous(), up.contiguous(), ctx.activation)
+        return (dgate if need_gate else None, dup if need_up else None, None)
 
 
-def gated_activation_forward_fake(gate, up, activation):
-    return gate.new_empty(gate.shape)
-
-
-def gated_activation_backward_fake(grad, gate, up, activation):
-    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from fastsft.fakes import cross_entropy_rows_fake
 from fastsft import _extension, backends
 from fastsft.reference import linear_cross_entropy as reference
 
@@ -175,24 +176,23 @@ def _reference_backend(hidden, weight, labels, *, bias, ignore_index, reduction,
 
 # --- chunked backends (triton, cuda) -------------------------------------------------------------------------
 
-def _triton_rows(*args):
-    from fastsft.triton_kernels.cross_entropy import cross_entropy_rows
+def _row_kernel(backend: str):
+    """The row kernel op of a chunked backend."""
+    if backend == "triton":
+        from fastsft.triton_kernels.cross_entropy import cross_entropy_rows
 
-    return cross_entropy_rows(*args)
-
-
-def _compiled_rows(*args):
-    return torch.ops.fastsft.cross_entropy_rows(*args)
+        return cross_entropy_rows
+    return torch.ops.fastsft.cross_entropy_rows
 
 
 @backends.register(OP, "triton", available=backends.triton_available)
 def _triton_backend(hidden, weight, labels, **kw):
-    return _chunked(_triton_rows, hidden, weight, labels, **kw)
+    return _chunked("triton", hidden, weight, labels, **kw)
 
 
 @backends.register(OP, "cuda", available=backends.extension_available("cross_entropy_rows"))
 def _cuda_backend(hidden, weight, labels, **kw):
-    return _chunked(_compiled_rows, hidden, weight, labels, **kw)
+    return _chunked("cuda", hidden, weight, labels, **kw)
 
 
 def default_chunk_size(tokens: int, vocab: int, element_size: int, weight_grad_bytes: int = 0) -> int:
@@ -207,7 +207,7 @@ def default_chunk_size(tokens: int, vocab: int, element_size: int, weight_grad_b
     return max(1, min(tokens, max(16, min(rows, 4096))))
 
 
-def _chunked(rows_fn, hidden, weight, labels, *, bias, ignore_index, reduction, num_items_in_batch, softcap,
+def _chunked(backend, hidden, weight, labels, *, bias, ignore_index, reduction, num_items_in_batch, softcap,
              logit_scale, want_stats, chunk_size):
     if hidden.dtype not in _KERNEL_DTYPES:
         raise backends.Unsupported(f"linear_cross_entropy: the fast backends take {_KERNEL_DTYPES}, got {hidden.dtype}; "
@@ -221,13 +221,13 @@ def _chunked(rows_fn, hidden, weight, labels, *, bias, ignore_index, reduction, 
     weight_grad_bytes = 4 * weight.numel() if weight.requires_grad and torch.is_grad_enabled() else 0
     chunk = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.element_size(),
                                              weight_grad_bytes)
-    settings = _Settings(rows_fn, ignore_index, reduction, float(softcap or 0.0), float(logit_scale or 1.0),
+    settings = _Settings(backend, ignore_index, reduction, float(softcap or 0.0), float(logit_scale or 1.0),
                          chunk, want_stats)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, denom.clamp(min=1), settings)
 
 
 class _Settings(NamedTuple):
-    rows_fn: object
+    backend: str  # "triton" or "cuda": whose row kernel runs
     ignore_index: int
     reduction: str
     softcap: float
@@ -256,6 +256,7 @@ def _run_chunks(s: _Settings, hidden, weight, bias, labels, grad_scale, *, grad_
     gb = torch.zeros(V, device=weight.device, dtype=torch.float32) if grad_bias else None
     buf = hidden.new_empty(min(s.chunk, T), V)
     wt = weight.t()
+    rows = _row_kernel(s.backend)
     for start in range(0, T, s.chunk):
         end = min(start + s.chunk, T)
         h, z = hidden[start:end], buf[: end - start]
@@ -264,8 +265,8 @@ def _run_chunks(s: _Settings, hidden, weight, bias, labels, grad_scale, *, grad_
         else:
             torch.addmm(bias, h, wt, out=z)
         g_scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:end]
-        loss, _, entropy, argmax = s.rows_fn(z, labels[start:end], g_scale, s.scale, s.softcap, s.ignore_index,
-                                             compute_grad, s.want_stats)
+        loss, _, entropy, argmax = rows(z, labels[start:end], g_scale, s.scale, s.softcap, s.ignore_index,
+                                        compute_grad, s.want_stats)
         losses.append(loss)
         entropies.append(entropy)
         argmaxes.append(argmax)
@@ -335,15 +336,6 @@ def _finish(grad, factor, dtype, part_elements=1 << 24):
             for part in grad.view(-1).split(part_elements):
                 part.copy_(part.float().mul_(factor))
     return grad.to(dtype)
-
-
-def cross_entropy_rows_fake(logits, labels, grad_scale, scale, softcap, ignore_index, compute_grad,
-                            compute_entropy):
-    """Shapes and dtypes of the row kernels' outputs (the fake of both the compiled and the Triton op)."""
-    rows = logits.shape[0]
-    loss = logits.new_empty(rows, dtype=torch.float32)
-    return (loss, torch.empty_like(loss), logits.new_empty(rows if compute_entropy else 0, dtype=torch.float32),
-            logits.new_empty(rows, dtype=torch.int64))
 
 
 if _extension.load():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import torch
 
+from fastsft.fakes import dequantize_nf4_fake
 from fastsft import _extension, backends
 from fastsft.reference import nf4 as reference
 from fastsft.reference.nf4 import NESTED_BLOCKSIZE, NestedAbsmax, quantize_nf4
@@ -168,11 +169,7 @@ def _cuda_backend(packed, absmax, code, nested, blocksize, out):
     torch.ops.fastsft.dequantize_nf4(*_flat_args(packed, absmax, code, nested, blocksize, out))
 
 
-# --- fake (shape-only), shared by the compiled and the Triton op: it only writes ``out`` -----------------------
-
-def dequantize_nf4_fake(packed, absmax, code, nested_absmax, nested_code, blocksize, nested_blocksize, offset, out):
-    return None
-
+# --- the compiled op's fake (fastsft.fakes) ----------------------------------------------------------------
 
 if _extension.load() and hasattr(torch.ops.fastsft, "dequantize_nf4"):  # an older build lacks it
     torch.library.register_fake("fastsft::dequantize_nf4")(dequantize_nf4_fake)

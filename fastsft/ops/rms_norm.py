@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from fastsft.fakes import rms_norm_backward_fake, rms_norm_forward_fake
 from fastsft import _extension, backends
 from fastsft.reference import rms_norm as reference
 
@@ -80,21 +81,13 @@ def _reference_backend(x, weight, eps, offset, residual):
 
 # --- fast backends (triton, cuda) ----------------------------------------------------------------------------
 
-class _Impl:
-    """A backend's pair of ops: ``forward(x, w, residual, eps, offset)`` and ``backward(...)``."""
+def _kernels(backend: str):
+    """A fast backend's pair of ops: ``forward(x, w, residual, eps, offset)`` and ``backward(...)``."""
+    if backend == "triton":
+        from fastsft.triton_kernels import rms_norm as kernels
 
-    def __init__(self, forward, backward):
-        self.forward, self.backward = forward, backward
-
-
-def _triton_impl():
-    from fastsft.triton_kernels import rms_norm as kernels
-
-    return _Impl(kernels.rms_norm_forward, kernels.rms_norm_backward)
-
-
-def _compiled_impl():
-    return _Impl(torch.ops.fastsft.rms_norm_forward, torch.ops.fastsft.rms_norm_backward)
+        return kernels.rms_norm_forward, kernels.rms_norm_backward
+    return torch.ops.fastsft.rms_norm_forward, torch.ops.fastsft.rms_norm_backward
 
 
 @backends.register(OP, "triton", available=backends.triton_available)
@@ -102,29 +95,29 @@ def _triton_backend(x, weight, eps, offset, residual):
     if x.shape[-1] > MAX_TRITON_HIDDEN:
         raise backends.Unsupported(f"rms_norm: the triton backend takes hidden sizes up to {MAX_TRITON_HIDDEN}, "
                                    f"got {x.shape[-1]}; use backend='cuda' or 'reference'")
-    return _fast(_triton_impl(), x, weight, eps, offset, residual)
+    return _fast("triton", x, weight, eps, offset, residual)
 
 
 @backends.register(OP, "cuda", available=backends.extension_available("rms_norm_forward"))
 def _cuda_backend(x, weight, eps, offset, residual):
-    return _fast(_compiled_impl(), x, weight, eps, offset, residual)
+    return _fast("cuda", x, weight, eps, offset, residual)
 
 
-def _fast(impl, x, weight, eps, offset, residual):
+def _fast(backend, x, weight, eps, offset, residual):
     if x.dtype not in _KERNEL_DTYPES:
         raise backends.Unsupported(f"rms_norm: the fast backends take {_KERNEL_DTYPES}, got {x.dtype}; "
                         "use backend='reference' for float64")
-    return _RmsNorm.apply(x, weight, residual, eps, offset, impl)
+    return _RmsNorm.apply(x, weight, residual, eps, offset, backend)
 
 
 class _RmsNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, residual, eps, offset, impl):
+    def forward(ctx, x, weight, residual, eps, offset, backend):
         residual = None if residual is None else residual.contiguous()
-        y, s, rstd = impl.forward(x.contiguous(), weight.contiguous(), residual, eps, offset)
+        y, s, rstd = _kernels(backend)[0](x.contiguous(), weight.contiguous(), residual, eps, offset)
         # x itself (an input), not a contiguous copy: a double backward differentiates through what is saved
         ctx.save_for_backward(x if residual is None else s, weight, rstd)
-        ctx.impl, ctx.eps, ctx.offset, ctx.has_residual = impl, eps, offset, residual is not None
+        ctx.backend, ctx.eps, ctx.offset, ctx.has_residual = backend, eps, offset, residual is not None
         if residual is None:
             return y
         return y, s
@@ -139,7 +132,7 @@ class _RmsNorm(torch.autograd.Function):
             ds, dw = _differentiable_backward(s, weight, grad_y, grad_s, ctx.eps, ctx.offset, need_w)
         else:
             grad_s = None if grad_s is None else grad_s.contiguous()
-            ds, dw = ctx.impl.backward(grad_y.contiguous(), grad_s, s.contiguous(), weight.contiguous(), rstd,
+            ds, dw = _kernels(ctx.backend)[1](grad_y.contiguous(), grad_s, s.contiguous(), weight.contiguous(), rstd,
                                        ctx.offset, need_w)
         return (ds if need_x else None, dw.to(weight.dtype) if need_w else None, ds if need_r else None,
                 None, None, None)
@@ -160,17 +153,7 @@ def _differentiable_backward(s, weight, grad_y, grad_s, eps, offset, need_w):
     return ds, (g * normed).sum(0) if need_w else None
 
 
-# --- fakes (shape-only), shared by the compiled and the Triton ops -------------------------------------------
-
-def rms_norm_forward_fake(x, weight, residual, eps, offset):
-    rows = x.shape[0]
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), s, x.new_empty(rows, dtype=torch.float32)
-
-
-def rms_norm_backward_fake(grad_y, grad_sum, s, weight, rstd, offset, compute_weight_grad):
-    return torch.empty_like(s), s.new_empty(s.shape[1] if compute_weight_grad else 0, dtype=torch.float32)
-
+# --- the compiled op's fake (fastsft.fakes) ----------------------------------------------------------------
 
 if _extension.load() and hasattr(torch.ops.fastsft, "rms_norm_forward"):  # an older build lacks it
     torch.library.register_fake("fastsft::rms_norm_forward")(rms_norm_forward_fake)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from fastsft.fakes import rope_fake
 from fastsft import _extension, backends
 from fastsft.reference import rope as reference
 
@@ -71,32 +72,30 @@ def _reference_backend(q, k, cos, sin):
     return reference.rope(q, k, cos, sin)
 
 
-def _triton_fn():
-    from fastsft.triton_kernels.rope import rope as kernel
+def _rotation(backend: str):
+    """The kernel op of a fast backend: ``(q, k, cos, sin, inverse) -> (q_out, k_out)``."""
+    if backend == "triton":
+        from fastsft.triton_kernels.rope import rope as kernel
 
-    return kernel
-
-
-def _compiled_fn():
+        return kernel
     return torch.ops.fastsft.rope
 
 
 @backends.register(OP, "triton", available=backends.triton_available)
 def _triton_backend(q, k, cos, sin):
-    # The Triton kernel reads strided q/k directly; only the head dim must be contiguous.
-    return _fast(_triton_fn(), q, k, cos, sin, strided_ok=True)
+    return _fast("triton", q, k, cos, sin)
 
 
 @backends.register(OP, "cuda", available=backends.extension_available("rope"))
 def _cuda_backend(q, k, cos, sin):
-    return _fast(_compiled_fn(), q, k, cos, sin, strided_ok=False)
+    return _fast("cuda", q, k, cos, sin)
 
 
-def _fast(fn, q, k, cos, sin, *, strided_ok):
+def _fast(backend, q, k, cos, sin):
     if q.dtype not in _KERNEL_DTYPES:
         raise backends.Unsupported(f"rope: the fast backends take {_KERNEL_DTYPES}, got {q.dtype}; "
                         "use backend='reference' for float64")
-    return _Rope.apply(q, k, _table(cos, q.dtype), _table(sin, q.dtype), fn, strided_ok, False)
+    return _Rope.apply(q, k, _table(cos, q.dtype), _table(sin, q.dtype), backend, False)
 
 
 def _table(t, dtype):
@@ -109,8 +108,9 @@ def _table(t, dtype):
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _prepare(t, strided_ok):
-    return t if strided_ok and t.stride(-1) == 1 else t.contiguous()
+def _prepare(t, backend):
+    # The Triton kernel reads strided q/k directly (only the head dim must be contiguous); the compiled one does not
+    return t if backend == "triton" and t.stride(-1) == 1 else t.contiguous()
 
 
 class _Rope(torch.autograd.Function):
@@ -118,25 +118,20 @@ class _Rope(torch.autograd.Function):
     other's backward, so a double backward runs the kernels again."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, fn, strided_ok, inverse):
+    def forward(ctx, q, k, cos, sin, backend, inverse):
         ctx.save_for_backward(cos, sin)
-        ctx.fn, ctx.strided_ok, ctx.inverse = fn, strided_ok, inverse
-        return fn(_prepare(q, strided_ok), _prepare(k, strided_ok), cos, sin, inverse)
+        ctx.backend, ctx.inverse = backend, inverse
+        return _rotation(backend)(_prepare(q, backend), _prepare(k, backend), cos, sin, inverse)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
         cos, sin = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: the backward through this Function, differentiable
-            dq, dk = _Rope.apply(grad_q, grad_k, cos, sin, ctx.fn, ctx.strided_ok, not ctx.inverse)
+            dq, dk = _Rope.apply(grad_q, grad_k, cos, sin, ctx.backend, not ctx.inverse)
         else:
-            dq, dk = ctx.fn(_prepare(grad_q, ctx.strided_ok), _prepare(grad_k, ctx.strided_ok), cos, sin,
-                            not ctx.inverse)
-        return dq, dk, None, None, None, None, None
-
-
-def rope_fake(q, k, cos, sin, inverse):
-    """The compiled op's outputs: contiguous, in q's shape and dtype (the Triton op keeps the inputs' layout)."""
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+            dq, dk = _rotation(ctx.backend)(_prepare(grad_q, ctx.backend), _prepare(grad_k, ctx.backend), cos, sin,
+                                            not ctx.inverse)
+        return dq, dk, None, None, None, None
 
 
 if _extension.load() and hasattr(torch.ops.fastsft, "rope"):  # an older build lacks it
