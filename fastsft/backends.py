@@ -4,13 +4,18 @@ Every op has a ``reference`` backend (plain PyTorch, float32 math or wider), usu
 optionally a ``cuda`` backend (the compiled extension ``fastsft._C``: CUDA kernels for CUDA tensors, its C++
 kernels for CPU tensors).
 
-Choosing:
-- ``backend="auto"`` takes the order measured fastest for the device (``backend_table.json``, written by the
-  benchmarks with ``--write-table``; a default order for cards not in it) and skips unavailable backends.
-- ``FASTSFT_BACKEND=<name>`` forces a backend for every op that has one (the others keep ``auto``, with one
-  warning), ``FASTSFT_BACKEND_<OP>=<name>`` (op name upper-cased) for one op. A forced or explicitly requested
-  backend that cannot run raises; it never falls back. ``fastsft.patch(model, backend=<name>)`` applies a backend
-  as ``FASTSFT_BACKEND`` does (:func:`for_model`).
+Choosing is *resolving*: :func:`resolve` turns a request (``"auto"`` or a backend name) into a :class:`Resolved`,
+the concrete functions to run, in order, with their launch configuration. ``fastsft.patch`` resolves every op
+once, for the model's device (its plan, :mod:`fastsft.patching.plan`), and the patched step calls the resolved
+functions straight; a direct op call resolves its ``backend=`` argument on each call.
+
+- ``auto`` takes :data:`DEFAULT_ORDER` (compiled first, then Triton on GPUs, the reference last; Triton never in
+  ``auto`` on the CPU, where it runs only under its interpreter) unless the card's entry in the per-card table
+  (:mod:`fastsft.card_table`, section ``backends``) measured another order, and skips backends that cannot run.
+- ``FASTSFT_BACKEND=<name>`` asks for a backend for every op that has one (the others keep ``auto``, with one
+  warning), ``FASTSFT_BACKEND_<OP>=<name>`` (op name upper-cased) for one op; read when resolving. A backend asked
+  for by name that cannot run raises; it never falls back. ``fastsft.patch(model, backend=<name>)`` applies a
+  backend as ``FASTSFT_BACKEND`` does (:func:`for_model`).
 - In ``auto``, a backend that fails to compile or launch is skipped with one warning, marked broken for that
   device type for the rest of the process, and the next one runs. A backend that raises ``Unsupported`` for an
   input it does not take (a dtype, a size past a kernel's limit) is skipped for that call only, quietly. Any other
@@ -21,18 +26,19 @@ Choosing:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.utils.checkpoint
 
+from fastsft import card_table
+
 BACKENDS = ("cuda", "triton", "reference")
-TABLE_PATH = Path(__file__).with_name("backend_table.json")
+# auto's order per device type, filtered by the backends an op has
+DEFAULT_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cuda", "reference")}
 TRITON_INTERPRET_ENV = "TRITON_INTERPRET"
 
 
@@ -51,10 +57,8 @@ class _Op:
     impls: dict[str, Callable] = field(default_factory=dict)
     # backend -> function(device) returning None when usable, else the reason it is not
     checks: dict[str, Callable[[torch.device], str | None]] = field(default_factory=dict)
-    # (backend, CUDA device index) whose check passed: asked again on every call of the op otherwise (the compiled
-    # extension's kernel lookup, Triton's import check: microseconds, every norm, RoPE, attention and LoRA call).
-    # CUDA only: on the CPU, Triton's availability follows TRITON_INTERPRET, which may change while running.
-    usable_on_cuda: set = field(default_factory=set)
+    # function(device) -> the launch configuration the backends take as ``launch=`` (None: they take none)
+    launch: Callable[[torch.device], Any] | None = None
 
 
 # Exceptions that are control flow, not failures: non-reentrant activation checkpointing stops its recomputation
@@ -75,11 +79,15 @@ def register(op: str, backend: str, *, available: Callable[[torch.device], str |
         entry = _ops.setdefault(op, _Op(op))
         entry.impls[backend] = fn
         entry.checks[backend] = available or (lambda device: None)
-        entry.usable_on_cuda.clear()
-        _auto_on_cuda.clear()
         return fn
 
     return deco
+
+
+def register_launch(op: str, configure: Callable[[torch.device], Any]) -> None:
+    """Give ``op`` a launch configuration: ``configure(device)``, called when the op is resolved for a device, and
+    passed to every backend of the op as the keyword ``launch``."""
+    _ops.setdefault(op, _Op(op)).launch = configure
 
 
 def registered(op: str) -> tuple[str, ...]:
@@ -93,47 +101,12 @@ def unavailable_reason(op: str, backend: str, device: torch.device) -> str | Non
     broken = _broken.get((op, backend, device.type))
     if broken is not None:
         return f"it failed earlier in this process: {broken}"
-    if device.type != "cuda":
-        return entry.checks[backend](device)
-    key = (backend, device.index)
-    if key in entry.usable_on_cuda:
-        return None
-    reason = entry.checks[backend](device)
-    if reason is None:
-        entry.usable_on_cuda.add(key)
-    return reason
-
-
-@functools.lru_cache(maxsize=None)
-def load_table(path: Path) -> dict:
-    """A measured per-card table (JSON) shipped with the package, read once; empty when missing."""
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-
-
-def _table() -> dict:
-    return load_table(TABLE_PATH)
-
-
-@functools.lru_cache(maxsize=None)
-def card_name(index: int) -> str:
-    """The CUDA card's name, looked up once per device (the tables are keyed by it; every op call asks)."""
-    return torch.cuda.get_device_name(index)
+    return entry.checks[backend](device)
 
 
 def auto_order(op: str, device: torch.device) -> list[str]:
-    """Backends in the order measured fastest for this device, falling back to the table's defaults."""
-    table = _table().get(op, {})
-    order = None
-    if device.type == "cuda":
-        order = table.get("cards", {}).get(card_name(device.index if device.index is not None
-                                                     else torch.cuda.current_device()))
-    if order is None:
-        order = table.get("default", {}).get(device.type)
-    if order is None:  # no table entry at all: compiled first, then Triton on GPUs, reference last
-        order = ["cuda", "triton", "reference"] if device.type == "cuda" else ["cuda", "reference"]
+    """Backends of ``op`` in auto's order for this device: the card table's measured order, else the default."""
+    order = card_table.section(device, "backends").get(op) or DEFAULT_ORDER.get(device.type, DEFAULT_ORDER["cpu"])
     return [b for b in order if b in _ops[op].impls]
 
 
@@ -182,55 +155,105 @@ def lacking(ops, backend: str) -> list[str]:
     return [op for op in ops if for_model(op, backend) != backend]
 
 
-# auto's candidates per (op, CUDA device), with the number of broken backends they were made with: every norm,
-# RoPE, attention and LoRA call asks (~500 times per step at the 8B shape), and on a CUDA device the answer
-# changes only when a backend breaks or is registered. (On the CPU, Triton's availability follows
-# TRITON_INTERPRET, which may change while running: asked every time.)
-_auto_on_cuda: dict = {}
+class Resolved:
+    """One op resolved for one device type: the backends to try, in order, as their functions, and the launch
+    configuration they take. Calling it runs the first; in auto, a backend that fails to compile or launch is
+    dropped (one warning) and the next runs, and one that raises :class:`Unsupported` is passed over for that
+    call. Called for a tensor on another device type (a model moved after patching), it resolves the same
+    request for that device type once and runs that.
+
+    Pass it as ``backend=`` to the op it was resolved for: ``rms_norm(x, w, eps, backend=resolve("rms_norm",
+    "auto", device))`` runs without any lookup."""
+
+    def __init__(self, op: str, request: str, device: torch.device, candidates: list[str], explicit: bool):
+        entry = _ops[op]
+        self.op, self.request, self.device_type, self.explicit = op, request, device.type, explicit
+        self.functions = [(name, entry.impls[name]) for name in candidates]
+        self.launch = entry.launch(device) if entry.launch is not None else None
+        self._elsewhere: dict[str, Resolved] = {}
+
+    @property
+    def backend(self) -> str:
+        """The backend that runs first."""
+        return self.functions[0][0]
+
+    @property
+    def candidates(self) -> list[str]:
+        return [name for name, _ in self.functions]
+
+    def __str__(self) -> str:
+        return self.backend
+
+    def __repr__(self) -> str:
+        kind = "explicit" if self.explicit else "auto: " + " > ".join(self.candidates)
+        return f"Resolved({self.op} on {self.device_type}: {self.backend}, {kind})"
+
+    def __call__(self, device: torch.device, *args, **kwargs):
+        if device.type != self.device_type:
+            other = self._elsewhere.get(device.type)
+            if other is None:
+                other = self._elsewhere[device.type] = resolve(self.op, self.request, device)
+            return other(device, *args, **kwargs)
+        if self.launch is not None:
+            kwargs["launch"] = self.launch
+        functions = self.functions
+        if len(functions) == 1:
+            return functions[0][1](*args, **kwargs)
+        for i, (name, fn) in enumerate(functions):
+            if i == len(functions) - 1:
+                return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except Unsupported:
+                continue
+            except Exception as exc:
+                if not is_backend_failure(exc):
+                    raise
+                self._drop(name, exc, functions[i + 1][0])
+        raise AssertionError("unreachable")
+
+    def _drop(self, name: str, exc: BaseException, next_name: str) -> None:
+        """A compile or launch failure: never this backend again in this process, with one warning."""
+        self.functions = [(n, f) for n, f in self.functions if n != name]
+        key = (self.op, name, self.device_type)
+        if key not in _broken:
+            _broken[key] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"fastsft: the {name} backend of {self.op} failed on {self.device_type} "
+                          f"({type(exc).__name__}: {exc}); falling back to {next_name}", RuntimeWarning, stacklevel=4)
 
 
-def select(op: str, backend: str, device: torch.device) -> tuple[list[str], bool]:
-    """Candidate backends in order and whether the choice was explicit (explicit: exactly one, no fallback)."""
+def resolve(op: str, backend: str, device: torch.device) -> Resolved:
+    """``op``'s backends for ``device``, as asked by ``backend`` (``"auto"`` or a name; the env vars apply)."""
+    if op not in _ops:
+        raise KeyError(f"unknown op {op!r}; registered: {sorted(_ops)}")
     choice = requested_backend(op, backend)
     if choice == "auto":
-        key = (op, device) if device.type == "cuda" else None
-        hit = _auto_on_cuda.get(key) if key is not None else None
-        if hit is not None and hit[0] == len(_broken):
-            return hit[1], False
         candidates = [b for b in auto_order(op, device) if unavailable_reason(op, b, device) is None]
         if not candidates:
             raise BackendUnavailable(f"no backend of {op} can run on {device}")
-        if key is not None:
-            _auto_on_cuda[key] = (len(_broken), candidates)
-        return candidates, False
+        return Resolved(op, "auto", device, candidates, explicit=False)
     if choice not in BACKENDS:
         raise ValueError(f"unknown backend {choice!r} for {op}; expected 'auto' or one of {BACKENDS}")
     reason = unavailable_reason(op, choice, device)
     if reason is not None:
         raise BackendUnavailable(f"backend {choice!r} of {op} cannot run on {device}: {reason}")
-    return [choice], True
+    return Resolved(op, choice, device, [choice], explicit=True)
 
 
-def dispatch(op: str, backend: str, device: torch.device, *args, **kwargs):
-    """Run ``op`` with the chosen backend, falling back (in auto mode) past backends that fail."""
-    candidates, explicit = select(op, backend, device)
-    for i, name in enumerate(candidates):
-        fn = _ops[op].impls[name]
-        if explicit or i == len(candidates) - 1:
-            return fn(*args, **kwargs)
+def dispatch(op: str, backend, device: torch.device, *args, **kwargs):
+    """Run ``op``: ``backend`` is what the caller passed as ``backend=``, a name or ``"auto"`` (resolved now), a
+    :class:`Resolved` of this op, or a mapping op -> :class:`Resolved` (a model's plan)."""
+    if isinstance(backend, str):
+        return resolve(op, backend, device)(device, *args, **kwargs)
+    if not isinstance(backend, Resolved):
         try:
-            return fn(*args, **kwargs)
-        except Unsupported:
-            continue
-        except Exception as exc:
-            if not is_backend_failure(exc):
-                raise
-            # a compile or launch failure: one warning, then never again this process
-            _broken[(op, name, device.type)] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"fastsft: the {name} backend of {op} failed on {device.type} "
-                          f"({type(exc).__name__}: {exc}); falling back to {candidates[i + 1]}",
-                          RuntimeWarning, stacklevel=3)
-    raise AssertionError("unreachable")
+            backend = backend[op]
+        except (KeyError, TypeError):
+            raise TypeError(f"{op}: backend must be 'auto', a backend name, or a resolved selection of {op}, got "
+                            f"{backend!r}") from None
+    if backend.op != op:
+        raise ValueError(f"{op}: given the resolved backend of {backend.op}")
+    return backend(device, *args, **kwargs)
 
 
 def is_backend_failure(exc: BaseException) -> bool:
@@ -248,16 +271,17 @@ def is_backend_failure(exc: BaseException) -> bool:
 
 
 def chosen(op: str, device: torch.device, backend: str = "auto") -> str:
-    """The backend that ``dispatch`` would try first (for reports); raises if none can run."""
-    return select(op, backend, device)[0][0]
+    """The backend that would run first (for reports); raises if none can run."""
+    return resolve(op, backend, device).backend
 
-
-# --- common availability checks ------------------------------------------------------------------------
 
 def fallbacks() -> dict[str, str]:
     """Backends that failed in this process and were skipped since: ``"<op>:<backend>@<device type>"`` -> the
     error. Empty when every op ran the backend ``auto`` chose (benchmarks record this next to their numbers)."""
     return {f"{op}:{backend}@{device}": error for (op, backend, device), error in _broken.items()}
+
+
+# --- common availability checks ------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=None)

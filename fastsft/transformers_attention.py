@@ -2,15 +2,21 @@
 
 ``register()`` adds the implementation ``"fastsft"`` (and its mask function) to transformers; a model selects it
 with ``model.set_attn_implementation("fastsft")`` or ``attn_implementation="fastsft"`` at load, and
-``fastsft.patch`` does that for supported families. Each call then picks a *provider* for its case:
+``fastsft.patch`` does that for supported families. Its attention *backends*:
 
-- ``fastsft``: ``fastsft.ops.flash_attention_varlen`` (packed or dense rows, GQA, window, softcap);
+- ``triton`` and ``reference``: ``fastsft.ops.flash_attention_varlen`` on that backend (packed or dense rows, GQA,
+  window, softcap);
 - ``torch_varlen``: torch's ``torch.nn.attention.varlen.varlen_attn`` where the installed torch has it (CUDA,
   bf16/fp16, no softcap);
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with ``is_causal`` (dense rows only).
 
-The order per case (``packed`` or ``dense``) is measured per card by ``python -m bench.bench_attention
---write-table`` into ``fastsft/attention_table.json``; ``FASTSFT_ATTENTION=<provider>`` forces one.
+:func:`resolve` orders them per case (``packed`` or ``dense`` rows) once, for a device: :data:`DEFAULT_ORDER`, or the
+card table's ``attention`` section where a card measured another order (``python -m bench.bench_attention
+--write-table``), less the backends that cannot run there. ``fastsft.patch`` keeps the result on every attention
+module of the model; a module without one resolves it on its first call. Each call takes the first backend of its
+case that takes its input (dtype, head dim, window, softcap). ``FASTSFT_BACKEND_ATTENTION=<backend>`` (or
+``patch(model, backend=...)``) asks for one backend; a case it does not take (SDPA and packed rows, say) runs
+fastsft's op.
 
 What reaches the kernels without host syncs: packed rows from TRL's padding-free collator (``cu_seq_lens_q``
 and ``max_length_q`` in the batch). Rows without a mask are split into sequences where their ``position_ids`` do
@@ -24,8 +30,8 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +39,16 @@ import torch.nn.functional as F
 from fastsft._tensor_cache import LastTensorCache
 
 NAME = "fastsft"
-PROVIDERS = ("fastsft", "torch_varlen", "sdpa")
-TABLE_PATH = Path(__file__).with_name("attention_table.json")
-_DEFAULT_ORDER = {"packed": ["fastsft", "torch_varlen", "sdpa"], "dense": ["sdpa", "fastsft", "torch_varlen"]}
-
-_forced: str | None = None
-# an attention module's explicit backend (``fastsft.patch(model, backend=...)``): fastsft's op on exactly it
-BACKEND_ATTR = "_fastsft_attention_backend"
+BACKENDS = ("triton", "reference", "torch_varlen", "sdpa")
+KERNEL = ("triton", "reference")  # the backends that run fastsft's op
+# auto's order per case: SDPA's causal kernel is the fastest on dense rows, and takes no packed ones
+DEFAULT_ORDER = {"packed": ("triton", "torch_varlen", "reference"),
+                 "dense": ("sdpa", "triton", "torch_varlen", "reference")}
+ENV = "FASTSFT_BACKEND_ATTENTION"
+DEPRECATED_ENV = "FASTSFT_ATTENTION"  # its values: fastsft (fastsft's op), torch_varlen, sdpa
+# on an attention module: its AttentionPlan (set by fastsft.patch, or on the module's first call)
+PLAN_ATTR = "_fastsft_attention_plan"
+OP = "flash_attention_varlen"
 
 
 def register() -> str:
@@ -52,35 +61,98 @@ def register() -> str:
     return NAME
 
 
-def force_provider(provider: str | None) -> None:
-    """Force a provider for every call (None: choose by measurement). ``FASTSFT_ATTENTION`` does the same."""
-    global _forced
-    if provider is not None and provider not in PROVIDERS:
-        raise ValueError(f"unknown attention provider {provider!r}; expected one of {PROVIDERS}")
-    _forced = provider
+class AttentionPlan:
+    """The attention of one model on one device: per case, the backends in order, and fastsft's op resolved
+    (:class:`fastsft.backends.Resolved`). In ``orders`` fastsft's op is ``"fastsft"``."""
+
+    def __init__(self, orders: dict[str, tuple[str, ...]], kernel, requested: str):
+        self.orders, self.kernel, self.requested = orders, kernel, requested
+
+    def names(self, case: str) -> list[str]:
+        return [self.kernel.backend if p == "fastsft" else p for p in self.orders[case]]
+
+    def __str__(self) -> str:
+        names = {case: " > ".join(self.names(case)) for case in self.orders}
+        if len(set(names.values())) == 1:
+            return f"{names['packed']} (packed and dense rows)"
+        return "; ".join(f"{case} {order}" for case, order in names.items())
 
 
-def _table() -> dict:
-    from fastsft.backends import load_table
+def requested(backend: str = "auto") -> str:
+    """The attention backend asked for: ``backend`` when not ``"auto"``, else ``FASTSFT_BACKEND_ATTENTION``, else
+    the deprecated ``FASTSFT_ATTENTION``; ``"auto"`` when none is set."""
+    if backend != "auto":
+        choice, source = backend, "backend"
+    elif os.environ.get(ENV):
+        choice, source = os.environ[ENV].lower(), ENV
+    elif os.environ.get(DEPRECATED_ENV):
+        old = os.environ[DEPRECATED_ENV].lower()
+        if old not in ("fastsft", "torch_varlen", "sdpa"):
+            raise ValueError(f"{DEPRECATED_ENV}={old!r}: expected fastsft, torch_varlen or sdpa (and it is deprecated: "
+                             f"set {ENV}=<{'|'.join(BACKENDS)}> instead)")
+        if DEPRECATED_ENV not in _warned:
+            _warned.add(DEPRECATED_ENV)
+            warnings.warn(f"fastsft: {DEPRECATED_ENV} is deprecated; set {ENV} instead (fastsft's own kernel is "
+                          f"{ENV}=triton, or reference)", FutureWarning, stacklevel=3)
+        return "auto-kernel" if old == "fastsft" else old
+    else:
+        return "auto"
+    if choice not in BACKENDS and choice != "auto":
+        raise ValueError(f"{source}={choice!r}: unknown attention backend; expected 'auto' or one of {BACKENDS}")
+    return choice
 
-    return load_table(TABLE_PATH)
+
+_warned: set = set()
 
 
-def provider_order(case: str, device: torch.device) -> list[str]:
-    """Providers for ``case`` ("packed" or "dense") on this device, fastest measured first."""
-    forced = _forced or os.environ.get("FASTSFT_ATTENTION")
-    if forced:
-        if forced not in PROVIDERS:
-            raise ValueError(f"FASTSFT_ATTENTION={forced!r}: expected one of {PROVIDERS}")
-        return [forced]
-    if device.type == "cuda":
-        from fastsft.backends import card_name
+def resolve(device: torch.device, backend: str = "auto") -> AttentionPlan:
+    """The attention plan for ``device``: ``backend`` (or the environment) asks for one backend, else every one
+    that can run here, in the measured order. ``backend`` may be an op backend (``cuda``: fastsft's op has none, so
+    attention keeps ``auto``, as ``fastsft.patch(model, backend=...)`` treats every op without it)."""
+    from fastsft import backends, card_table
 
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        measured = _table().get("cards", {}).get(card_name(index), {}).get(case)
-        if measured:
-            return list(measured)
-    return list(_DEFAULT_ORDER[case])
+    if backend in backends.BACKENDS and backend not in KERNEL:
+        backend = "auto"
+    choice = requested(backend)
+    if choice in KERNEL:
+        return AttentionPlan({case: ("fastsft",) for case in DEFAULT_ORDER}, backends.resolve(OP, choice, device), choice)
+    kernel = backends.resolve(OP, "auto", device)  # FASTSFT_BACKEND(_FLASH_ATTENTION_VARLEN) apply here
+    if kernel.explicit or choice == "auto-kernel":  # a backend asked for fastsft's op: exactly that op
+        return AttentionPlan({case: ("fastsft",) for case in DEFAULT_ORDER}, kernel, kernel.request)
+    if choice != "auto":
+        if reason := _unavailable(choice, device):
+            raise backends.BackendUnavailable(f"attention backend {choice!r} cannot run on {device}: {reason}")
+        return AttentionPlan({case: (choice,) for case in DEFAULT_ORDER}, kernel, choice)
+    measured = card_table.section(device, "attention")
+    orders = {}
+    for case, default in DEFAULT_ORDER.items():
+        order = []
+        for name in measured.get(case) or default:
+            if name in KERNEL:
+                if name in kernel.candidates and "fastsft" not in order:
+                    order.append("fastsft")
+            elif _unavailable(name, device) is None:
+                order.append(name)
+        orders[case] = tuple(order or ("fastsft",))
+    return AttentionPlan(orders, kernel, "auto")
+
+
+def _unavailable(name: str, device: torch.device) -> str | None:
+    if name == "torch_varlen":
+        if _torch_varlen() is None:
+            return "this torch has no torch.nn.attention.varlen.varlen_attn"
+        if device.type != "cuda":
+            return "torch's varlen_attn runs on CUDA devices"
+    return None
+
+
+def plan_of(module, device: torch.device) -> AttentionPlan:
+    """The module's plan (``fastsft.patch`` puts one on each attention module), resolved on its first call when it
+    has none (a model loaded with ``attn_implementation="fastsft"``, not patched)."""
+    plan = module.__dict__.get(PLAN_ATTR)
+    if plan is None:
+        plan = module.__dict__[PLAN_ATTR] = resolve(device)
+    return plan
 
 
 def _torch_varlen():
@@ -187,15 +259,13 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
         cu = torch.arange(0, (batch + 1) * q_len, q_len, device=query.device, dtype=torch.int32)
         max_len = q_len
 
-    backend = module.__dict__.get(BACKEND_ATTR, "auto")
-    if backend != "auto":
-        provider = "fastsft"
-    else:
-        case = "packed" if packed else "dense"
-        order = provider_order(case, query.device)
-        usable = [p for p in order if supports(p, device=query.device, dtype=query.dtype, head_dim=head_dim,
-                                               packed=packed, window=window, softcap=softcap)]
-        provider = usable[0] if usable else "fastsft"
+    plan = plan_of(module, query.device)
+    provider = "fastsft"
+    for name in plan.orders["packed" if packed else "dense"]:
+        if supports(name, device=query.device, dtype=query.dtype, head_dim=head_dim, packed=packed, window=window,
+                    softcap=softcap):
+            provider = name
+            break
     if provider == "sdpa":
         return _sdpa_dense(query, key, value, scaling)
 
@@ -212,7 +282,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
             from fastsft.ops import flash_attention_varlen
 
             out = flash_attention_varlen(q, k, v, cu, int(max_len), causal=True, softmax_scale=scaling,
-                                         window=window, softcap=softcap, backend=backend)
+                                         window=window, softcap=softcap, backend=plan.kernel)
     return out.view(batch, q_len, q_heads, head_dim), None
 
 

@@ -309,7 +309,7 @@ def test_grid_limits_fall_back_instead_of_failing(monkeypatch):
     with pytest.raises(backends.Unsupported, match="a sequence of 60 tokens"):
         flash_attention_varlen(q, k, v, long, 60, backend="triton")
     flash_attention_varlen(q[:48], k[:48], v[:48], long.clamp(max=48), 48, backend="triton")  # 3 blocks: runs
-    monkeypatch.setattr(backends, "select", lambda op, backend, device: (["triton", "reference"], False))
+    monkeypatch.setattr(backends, "auto_order", lambda op, device: ["triton", "reference"])
     got = flash_attention_varlen(q, k, v, many, 15, backend="auto")
     assert torch.equal(got, flash_attention_varlen(q, k, v, many, 15, backend="reference"))
 
@@ -317,15 +317,13 @@ def test_grid_limits_fall_back_instead_of_failing(monkeypatch):
 def test_no_configuration_has_a_grid_block_below_min_block():
     """unsupported_reason skips the config lookups when max_seqlen fits MIN_BLOCK-sized blocks: that needs every
     configuration's grid blocks (forward and dQ query blocks, dK/dV key blocks) at least that large."""
-    import json
-
-    from fastsft.backends import TABLE_PATH
+    from fastsft import card_table
     from fastsft.triton_kernels import flash_attention as fa_kernels
 
-    table = json.loads(TABLE_PATH.with_name(fa_kernels.TABLE_NAME).read_text())
     configs = [(kernel, cfg) for (kernel, _), cfg in [*fa_kernels._DEFAULTS.items(), *fa_kernels._FLOAT32.items()]]
     configs += list(fa_kernels._INTERPRETER.items())
-    configs += [(key.split("/")[0], cfg) for card in table["cards"].values() for key, cfg in card.items()]
+    configs += [(key.split("/")[0], cfg) for entry in card_table.table().values()
+                for key, cfg in entry.get("attention_kernels", {}).items()]
     for kernel, cfg in configs:
         assert cfg["BLOCK_N" if kernel == "dkdv" else "BLOCK_M"] >= fa_kernels.MIN_BLOCK, (kernel, cfg)
 
@@ -353,15 +351,17 @@ def test_opcheck_triton_ops(device):
     reason = backends.unavailable_reason(OP, "triton", torch.device(device))
     if reason:
         pytest.skip(reason)
-    from fastsft.triton_kernels import flash_attention  # noqa: F401 (registers the ops)
+    from fastsft.triton_kernels import flash_attention  # registers the ops
 
     q, k, v, cu, m = _op_args(device)
-    fwd_args = (q, k, v, cu, m, 0.125, True, 5, 3.0)
+    fwd_config, dq_config, dkdv_config = (flash_attention.config_args(flash_attention.kernel_config(
+        kernel, q.shape[-1], q.device, q.element_size(), m)) for kernel in ("fwd", "dq", "dkdv"))
+    fwd_args = (q, k, v, cu, m, 0.125, True, 5, 3.0, fwd_config)
     opcheck_triton(torch.ops.fastsft.flash_attn_varlen_fwd_triton.default, fwd_args)
     out, lse = torch.ops.fastsft.flash_attn_varlen_fwd_triton(*fwd_args)
     dout = torch.randn_like(out)
     opcheck_triton(torch.ops.fastsft.flash_attn_varlen_bwd_triton.default,
-            (dout, q, k, v, out, lse, cu, m, 0.125, True, 5, 3.0))
+            (dout, q, k, v, out, lse, cu, m, 0.125, True, 5, 3.0, dq_config, dkdv_config))
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -444,26 +444,33 @@ def test_gpu_backward_is_deterministic_bf16():
         assert torch.equal(a, b)
 
 
-def test_cuda_kernel_config_is_the_table_entry_or_the_default(monkeypatch):
-    """kernel_config on a CUDA card (looked up once per case, it runs before every launch) answers what the tuned
-    table says for (kernel, head dim, dtype width, row kind), else the defaults. No GPU needed: the card is named."""
-    from fastsft import backends
+def test_cuda_kernel_config_is_the_tuned_entry_or_the_default(monkeypatch):
+    """The launch configuration on a CUDA card is the card table's entry for (kernel, head dim, dtype width, row
+    kind) where it has one, else the kernels' default; worked out once per case by the op's launch (the plan's),
+    which the kernels take as arguments. No GPU needed: the card is named."""
+    from fastsft import card_table
+    from fastsft.ops.attention import KernelLaunch
     from fastsft.triton_kernels import flash_attention as fa
 
     card = "NVIDIA H200"
-    monkeypatch.setattr(backends, "card_name", lambda index: card)
-    table = backends.load_table(backends.TABLE_PATH.with_name(fa.TABLE_NAME)).get("cards", {}).get(card, {})
-    for kernel in ("fwd", "dkdv", "dq"):
-        for head_dim in (64, 96, 128, 256):
-            for element_size in (2, 4):
-                for max_seqlen in (2048, fa.LONG_SEQLEN + 1):
-                    tuned = table.get(fa.table_key(kernel, head_dim, element_size, max_seqlen))
-                    defaults = fa._FLOAT32 if element_size > 2 else fa._DEFAULTS
-                    want = dict(tuned) if tuned is not None else dict(defaults[(kernel, fa._dim_class(head_dim))])
-                    got = fa.kernel_config(kernel, head_dim, torch.device("cuda", 0), element_size, max_seqlen)
-                    assert got == want
-                    got["BLOCK_M"] = -1  # a caller's change must not reach the next call
-                    assert fa.kernel_config(kernel, head_dim, torch.device("cuda", 0), element_size, max_seqlen) == want
+    monkeypatch.setattr(card_table, "card_of", lambda device: card if device.type == "cuda" else None)
+    tuned = card_table.table()[card]["attention_kernels"]
+    assert tuned, "the H200 entry lists tuned attention kernels"
+    launch = KernelLaunch(torch.device("cuda", 0))
+    asked = []
+    real = fa.kernel_config
+    monkeypatch.setattr(fa, "kernel_config", lambda *a: asked.append(a) or real(*a))
+    for head_dim in (64, 96, 128, 256):
+        for element_size in (2, 4):
+            for max_seqlen in (2048, fa.LONG_SEQLEN + 1):
+                got = launch.configs(head_dim, element_size, max_seqlen)
+                for kernel, args in zip(("fwd", "dq", "dkdv"), got):
+                    entry = tuned.get(fa.table_key(kernel, head_dim, element_size, max_seqlen))
+                    want = dict(entry) if entry is not None else fa.default_config(kernel, head_dim, element_size)
+                    assert fa.config_of(args) == dict(want, tma=bool(want.get("tma"))), (kernel, head_dim)
+                assert launch.configs(head_dim, element_size, max_seqlen) is got  # once per case
+    assert len(asked) == 4 * 2 * 2 * 3
+    assert "(tuned)" in launch.describe(128)
 
 
 def test_head_dim_past_the_triton_limit_falls_back_in_auto(monkeypatch):
@@ -476,7 +483,7 @@ def test_head_dim_past_the_triton_limit_falls_back_in_auto(monkeypatch):
     cu = torch.tensor([0, 2, 5], dtype=torch.int32)
     with pytest.raises(backends.Unsupported, match="head dims up to 256"):
         flash_attention_varlen(q, q, q, cu, 3, backend="triton")
-    monkeypatch.setattr(backends, "select", lambda op, backend, device: (["triton", "reference"], False))
+    monkeypatch.setattr(backends, "auto_order", lambda op, device: ["triton", "reference"])
     got = flash_attention_varlen(q, q, q, cu, 3, backend="auto")
     assert torch.equal(got, flash_attention_varlen(q, q, q, cu, 3, backend="reference"))
     assert backends.fallbacks() == {}

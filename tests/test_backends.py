@@ -108,54 +108,88 @@ def test_ops_under_non_reentrant_checkpoint_give_the_same_gradients():
     torch.testing.assert_close(g_ckpt, g_plain)
 
 
-def test_a_passed_check_on_a_cuda_device_is_not_asked_again(monkeypatch):
-    """Availability is asked on every op call; on a CUDA device a check that passed is remembered (a failure after
-    it still counts: the broken list comes first). On the CPU every call asks (TRITON_INTERPRET can change)."""
+def test_a_resolved_op_runs_without_asking_again(monkeypatch):
+    """What to run is decided when resolving (a model's plan resolves every op once, at patch time): calling the
+    result asks neither the availability checks, nor the order, nor the environment again."""
+    monkeypatch.setattr(backends, "_ops", dict(backends._ops))
+    monkeypatch.setattr(backends, "_broken", {})
+    asked, orders = [], []
+    real_order = backends.auto_order
+    monkeypatch.setattr(backends, "auto_order", lambda op, device: orders.append(device) or real_order(op, device))
+    backends.register(OP, "cuda", available=lambda device: asked.append(device) or None)(lambda x: ("cuda", x))
+    backends.register(OP, "reference")(lambda x: ("reference", x))
+    cpu = torch.device("cpu")
+    resolved = backends.resolve(OP, "auto", cpu)
+    assert resolved.candidates == ["cuda", "reference"] and not resolved.explicit and str(resolved) == "cuda"
+    assert len(asked) == 1 and len(orders) == 1
+    monkeypatch.setenv(f"FASTSFT_BACKEND_{OP.upper()}", "reference")  # read when resolving, not per call
+    for _ in range(3):
+        assert backends.dispatch(OP, resolved, cpu, 1) == ("cuda", 1)
+    assert len(asked) == 1 and len(orders) == 1
+    assert backends.dispatch(OP, "auto", cpu, 1) == ("reference", 1)  # a direct call resolves every time
+    assert backends.resolve(OP, "auto", cpu).explicit
+    monkeypatch.delenv(f"FASTSFT_BACKEND_{OP.upper()}")
+
+
+def test_a_resolved_op_called_on_another_device_type_resolves_for_it_once(monkeypatch):
+    """A model patched on one device and moved to another: its plan's entries resolve the same request for the
+    new device type on first use, then keep that."""
     monkeypatch.setattr(backends, "_ops", dict(backends._ops))
     monkeypatch.setattr(backends, "_broken", {})
     asked = []
-    backends.register(OP, "cuda", available=lambda device: asked.append(device) or None)(lambda x: x)
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    for _ in range(3):
-        assert backends.unavailable_reason(OP, "cuda", cuda) is None
-        assert backends.unavailable_reason(OP, "cuda", cpu) is None
-    assert asked == [cuda, cpu, cpu, cpu]
-    assert backends.unavailable_reason(OP, "cuda", torch.device("cuda", 1)) is None and len(asked) == 5
-    backends._broken[(OP, "cuda", "cuda")] = "RuntimeError: boom"
-    assert "failed earlier" in backends.unavailable_reason(OP, "cuda", cuda)
-    # registering again (a new implementation or check) forgets what passed
-    backends.register(OP, "cuda", available=lambda device: "not here")(lambda x: x)
-    backends._broken.clear()
-    assert backends.unavailable_reason(OP, "cuda", cuda) == "not here"
+    backends.register(OP, "cuda", available=lambda device: asked.append(device.type) or
+                      (None if device.type == "cpu" else "not on meta"))(lambda x: ("cuda", x))
+    backends.register(OP, "reference")(lambda x: ("reference", x))
+    resolved = backends.resolve(OP, "auto", torch.device("cpu"))
+    meta = torch.device("meta")
+    for _ in range(2):
+        assert resolved(meta, 1) == ("reference", 1)
+    assert asked == ["cpu", "meta"]
+    assert resolved(torch.device("cpu"), 1) == ("cuda", 1)
 
 
-def test_auto_candidates_on_a_cuda_device_are_remembered_until_a_backend_breaks(monkeypatch):
-    """select() in auto mode runs on every op call; on a CUDA device its answer is kept until a backend is marked
-    broken or registered again. Forcing a backend through the environment still applies on every call."""
+def test_a_resolved_op_drops_a_broken_backend_with_one_warning(op):
+    x = torch.ones(2)
+    resolved = backends.resolve(OP, "auto", x.device)
+    again = backends.resolve(OP, "auto", x.device)  # another model's plan, resolved before the failure
+    op["raise"] = RuntimeError("simulated launch failure")
+    with pytest.warns(RuntimeWarning, match="falling back to reference"):
+        resolved(x.device, x)
+    assert resolved.candidates == ["reference"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failure was reported once
+        again(x.device, x)
+    assert again.candidates == ["reference"]
+    assert "failed earlier" in backends.unavailable_reason(OP, "cuda", x.device)
+    assert backends.resolve(OP, "auto", x.device).candidates == ["reference"]
+
+
+def test_dispatch_takes_only_its_own_resolved_op(op):
+    x = torch.ones(2)
+    other = backends.resolve("rms_norm", "reference", x.device)
+    with pytest.raises(ValueError, match="resolved backend of rms_norm"):
+        backends.dispatch(OP, other, x.device, x)
+    with pytest.raises(TypeError, match="backend must be"):
+        backends.dispatch(OP, 3, x.device, x)
+    plan = {OP: backends.resolve(OP, "reference", x.device)}  # a plan is a mapping op -> resolved op
+    assert torch.equal(backends.dispatch(OP, plan, x.device, x), x * 2) and op["calls"] == ["reference"]
+
+
+def test_auto_order_takes_the_card_tables_deviation(monkeypatch):
+    """The per-card table lists only where a card's measured order deviates from the default."""
+    from fastsft import card_table
+
     monkeypatch.setattr(backends, "_ops", dict(backends._ops))
-    monkeypatch.setattr(backends, "_broken", {})
-    monkeypatch.setattr(backends, "_auto_on_cuda", {})
-    orders = []
-    real_order = backends.auto_order
-    monkeypatch.setattr(backends, "auto_order", lambda op, device: orders.append(device) or real_order(op, device))
-    monkeypatch.setattr(backends, "card_name", lambda index: "Fake card")
     backends.register(OP, "cuda")(lambda x: x)
+    backends.register(OP, "triton")(lambda x: x)
     backends.register(OP, "reference")(lambda x: x)
-    cuda = torch.device("cuda", 0)
-    for _ in range(3):
-        assert backends.select(OP, "auto", cuda) == (["cuda", "reference"], False)
-    assert len(orders) == 1
-    backends._broken[(OP, "cuda", "cuda")] = "RuntimeError: boom"
-    assert backends.select(OP, "auto", cuda) == (["reference"], False) and len(orders) == 2
-    monkeypatch.setenv(f"FASTSFT_BACKEND_{OP.upper()}", "reference")
-    assert backends.select(OP, "auto", cuda) == (["reference"], True)
-    monkeypatch.delenv(f"FASTSFT_BACKEND_{OP.upper()}")
-    backends._broken.clear()
-    backends.register(OP, "cuda")(lambda x: x)  # registering again forgets the candidates
-    assert backends.select(OP, "auto", cuda) == (["cuda", "reference"], False) and len(orders) == 3
-    for _ in range(2):  # the CPU asks every time
-        backends.select(OP, "auto", torch.device("cpu"))
-    assert len(orders) == 5
+    monkeypatch.setattr(card_table, "card_of", lambda device: "Fake card" if device.type == "cuda" else None)
+    monkeypatch.setattr(card_table, "table", lambda: {"Fake card": {"backends": {OP: ["triton", "cuda", "reference"]}}})
+    assert backends.auto_order(OP, torch.device("cuda", 0)) == ["triton", "cuda", "reference"]
+    assert backends.auto_order("rms_norm", torch.device("cuda", 0)) == ["cuda", "triton", "reference"]
+    assert backends.auto_order(OP, torch.device("cpu")) == ["cuda", "reference"]  # Triton is never auto on a CPU
 
 
 @pytest.mark.parametrize("error", [ValueError("bad size"), TypeError("bad type"), ZeroDivisionError("division"),
@@ -255,7 +289,8 @@ def test_fastsft_backend_env_applies_to_the_ops_that_have_it(monkeypatch):
         pytest.skip("needs the compiled extension")
     monkeypatch.setattr(backends, "_env_kept_auto", set(), raising=False)
     monkeypatch.setenv("FASTSFT_BACKEND", "cuda")
-    assert backends.select("rms_norm", "auto", torch.device("cpu")) == (["cuda"], True)
+    resolved = backends.resolve("rms_norm", "auto", torch.device("cpu"))
+    assert resolved.candidates == ["cuda"] and resolved.explicit
     x = torch.randn(2, 4)
     with pytest.warns(RuntimeWarning, match="gated_activation has no cuda backend; it keeps 'auto'"):
         swiglu(x, x)

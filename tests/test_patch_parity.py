@@ -93,13 +93,11 @@ def test_position_ids_not_starting_at_zero_match_stock():
         alone = torch.cat([model(input_ids=input_ids[:, i:i + 2], position_ids=position_ids[:, i:i + 2]).logits
                            for i in (0, 2, 4)], dim=1)
         torch.testing.assert_close(expected, alone, rtol=1e-5, atol=1e-5)  # stock: three sequences
-        fastsft.patch(model)
-        fastsft.transformers_attention.force_provider("fastsft")  # the CPU's default for dense rows is SDPA
-        try:
-            logits = model(**inputs).logits
-            loss = model(**inputs, labels=input_ids).loss
-        finally:
-            fastsft.transformers_attention.force_provider(None)
+        with pytest.MonkeyPatch.context() as env:  # fastsft's attention op: the CPU's default for dense rows is SDPA
+            env.setenv(fastsft.transformers_attention.ENV, "reference")
+            fastsft.patch(model)
+        logits = model(**inputs).logits
+        loss = model(**inputs, labels=input_ids).loss
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert_close(loss, expected_loss, rtol=1e-5)
 

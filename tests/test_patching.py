@@ -115,7 +115,7 @@ def test_switches_and_report():
     report = fastsft.patch(model, backend="reference")
     assert report.patched["fused_cross_entropy"] == "reference"
     assert report.patched["rms_norm"].startswith("reference: 5 modules")  # 2 layers x 2 norms + the final norm
-    assert report.patched["attention"] == "fastsft on the reference backend"
+    assert report.patched["attention"] == "reference (packed and dense rows)"
     assert "no PEFT LoRA layers" in report.skipped["lora"]  # a plain model: nothing to fuse
     assert report.patched["rope"] == "reference: 2 attention modules"
     text = str(report)

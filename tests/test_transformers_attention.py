@@ -17,11 +17,9 @@ def tiny_llama(**overrides):
 
 
 @pytest.fixture(autouse=True)
-def _registered():
+def _registered(monkeypatch):
     fa.register()
-    fa.force_provider("fastsft")  # the CPU would pick SDPA for dense rows; test our path
-    yield
-    fa.force_provider(None)
+    monkeypatch.setenv(fa.ENV, "reference")  # fastsft's op: the CPU would pick SDPA for dense rows
 
 
 @pytest.fixture
@@ -143,13 +141,64 @@ def test_sliding_window_matches_eager():
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_unknown_provider_is_rejected(monkeypatch):
-    with pytest.raises(ValueError, match="unknown attention provider"):
-        fa.force_provider("flash9")
-    fa.force_provider(None)
-    monkeypatch.setenv("FASTSFT_ATTENTION", "nope")
-    with pytest.raises(ValueError, match="FASTSFT_ATTENTION"):
-        fa.provider_order("dense", torch.device("cpu"))
+def test_unknown_attention_backend_is_rejected(monkeypatch):
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        fa.resolve(cpu, "flash9")
+    monkeypatch.setenv(fa.ENV, "nope")
+    with pytest.raises(ValueError, match=fa.ENV):
+        fa.resolve(cpu)
+    monkeypatch.delenv(fa.ENV)
+    monkeypatch.setenv(fa.DEPRECATED_ENV, "nope")
+    with pytest.raises(ValueError, match=fa.DEPRECATED_ENV):
+        fa.resolve(cpu)
+
+
+def test_attention_plan_per_case_and_what_can_run_here(monkeypatch):
+    """auto: the default order per case less what cannot run on the device (torch's varlen attention is CUDA-only,
+    Triton is never auto on a CPU); one asked-for backend for every case; one that cannot run here raises."""
+    from fastsft import backends
+
+    monkeypatch.delenv(fa.ENV)
+    cpu = torch.device("cpu")
+    plan = fa.resolve(cpu)
+    assert plan.orders == {"packed": ("fastsft",), "dense": ("sdpa", "fastsft")}
+    assert plan.kernel.backend == "reference" and str(plan) == "packed reference; dense sdpa > reference"
+    assert str(fa.resolve(cpu, "reference")) == "reference (packed and dense rows)"
+    assert fa.resolve(cpu, "sdpa").orders == {"packed": ("sdpa",), "dense": ("sdpa",)}
+    assert fa.resolve(cpu, "reference").kernel.explicit
+    with pytest.raises(backends.BackendUnavailable, match="torch_varlen"):
+        fa.resolve(cpu, "torch_varlen")
+    assert fa.resolve(cpu, "cuda").requested == "auto"  # an op backend fastsft's attention lacks: auto, as patch()
+    monkeypatch.setenv(fa.ENV, "sdpa")
+    assert fa.resolve(cpu).orders["dense"] == ("sdpa",)
+
+
+def test_the_deprecated_variable_still_applies_with_a_warning(monkeypatch):
+    monkeypatch.delenv(fa.ENV)
+    monkeypatch.setattr(fa, "_warned", set())
+    monkeypatch.setenv(fa.DEPRECATED_ENV, "fastsft")
+    with pytest.warns(FutureWarning, match=fa.ENV):
+        plan = fa.resolve(torch.device("cpu"))
+    assert plan.orders == {"packed": ("fastsft",), "dense": ("fastsft",)}
+
+
+def test_a_module_without_a_plan_resolves_one_on_its_first_call(monkeypatch):
+    """A model loaded with attn_implementation="fastsft" and not patched: the environment read once, on the first
+    call of each attention module."""
+    monkeypatch.setenv(fa.ENV, "sdpa")
+    model = tiny_llama()
+    model.set_attn_implementation("fastsft")
+    ids = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        model(input_ids=ids)
+    plans = [m.__dict__[fa.PLAN_ATTR] for m in model.modules() if fa.PLAN_ATTR in m.__dict__]
+    assert len(plans) == model.config.num_hidden_layers and all(p.orders["dense"] == ("sdpa",) for p in plans)
+    monkeypatch.setenv(fa.ENV, "reference")
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert all(m.__dict__[fa.PLAN_ATTR] is p for m, p in zip(
+        [m for m in model.modules() if fa.PLAN_ATTR in m.__dict__], plans))
 
 
 def test_torch_varlen_call_adapts_to_both_signatures(monkeypatch):

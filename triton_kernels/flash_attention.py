@@ -22,15 +22,14 @@ without repeating K/V).
   dK/dV kernel and dQ = dS K computed from it, 0.89 against 0.93 ms with a 570 MB dS buffer.)
 - Logit softcap: ``s = cap * tanh(scale * q.k / cap)``; its derivative ``1 - tanh^2`` is applied in backward.
 - Sliding window (left size ``w``, causal only): query ``i`` sees keys ``j`` with ``i - w < j <= i``.
-- Block shapes, warps and pipeline depth per kernel come from ``fastsft/attention_kernel_table.json``, measured
-  per card by ``python -m bench.tune_attention --write-table``; the defaults below where the card is not listed.
-  An entry with ``"tma": true`` runs the kernel's TMA variant (:mod:`flash_attention_tma`) where the inputs allow
-  and the kernels launch directly (eager calls); the pointer kernel, same blocks, otherwise.
+- Block shapes, warps and pipeline depth per kernel are the ops' ``config`` arguments: the caller picks them with
+  :func:`kernel_config`, from the defaults below and the entries it passes as ``tuned`` (fastsft's per-card table,
+  measured by ``python -m bench.tune_attention --write-table``). A configuration with ``tma`` runs the kernel's TMA
+  variant (:mod:`flash_attention_tma`) where the inputs allow and the kernels launch directly (eager calls); the
+  pointer kernel, same blocks, otherwise.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
@@ -437,8 +436,7 @@ def _bwd_dkdv_kernel(
 
 # --- launch configuration ------------------------------------------------------------------------------------
 
-TABLE_NAME = "attention_kernel_table.json"  # in the fastsft package, next to backend_table.json
-LONG_SEQLEN = 2048  # max_seqlen above this uses the table's "long" entries (dense rows), else "short" (packed)
+LONG_SEQLEN = 2048  # max_seqlen above this takes the "long" tuned entries (dense rows), else "short" (packed)
 
 # bf16/fp16 on a card not in the table: per kernel and head dim, the configuration with the best time summed over
 # packed and dense rows in an H200 tuning (bench.tune_attention). BLOCK_M is the query block and BLOCK_N the key
@@ -482,33 +480,39 @@ def _dim_class(head_dim: int) -> int:
 
 
 def table_key(kernel: str, head_dim: int, element_size: int, max_seqlen: int) -> str:
+    """The key of a tuned configuration: ``"<kernel>/d<head dim class>/<bits>bit/<short|long>"``."""
     bucket = "long" if max_seqlen > LONG_SEQLEN else "short"
     return f"{kernel}/d{_dim_class(head_dim)}/{8 * element_size}bit/{bucket}"
 
 
-def kernel_config(kernel: str, head_dim: int, device: torch.device, element_size: int = 2,
-                  max_seqlen: int = 0) -> dict:
-    """BLOCK_M (queries), BLOCK_N (keys), num_warps, num_stages of ``kernel`` ("fwd", "dkdv" or "dq")."""
+def default_config(kernel: str, head_dim: int, element_size: int = 2) -> dict:
+    """The configuration of ``kernel`` on a CUDA card without a tuned entry."""
+    return dict((_FLOAT32 if element_size > 2 else _DEFAULTS)[(kernel, _dim_class(head_dim))])
+
+
+def kernel_config(kernel: str, head_dim: int, device: torch.device, element_size: int = 2, max_seqlen: int = 0,
+                  tuned=None) -> dict:
+    """BLOCK_M (queries), BLOCK_N (keys), num_warps, num_stages (and ``tma``) of ``kernel`` ("fwd", "dkdv" or
+    "dq"): ``tuned``'s entry for this case (a mapping :func:`table_key` -> configuration), else the default."""
     if device.type != "cuda":
         return dict(_INTERPRETER[kernel])
-    from fastsft.backends import card_name
-
-    card = card_name(device.index if device.index is not None else torch.cuda.current_device())
-    return dict(_cuda_config(kernel, _dim_class(head_dim), element_size, max_seqlen > LONG_SEQLEN, card))
+    entry = tuned.get(table_key(kernel, head_dim, element_size, max_seqlen)) if tuned else None
+    return dict(entry) if entry is not None else default_config(kernel, head_dim, element_size)
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_config(kernel: str, dim_class: int, element_size: int, long: bool, card: str) -> tuple:
-    """:func:`kernel_config`'s answer on a CUDA card, looked up once per case (it runs before every launch; the
-    table, read once per process, does not change under it)."""
-    from fastsft.backends import TABLE_PATH, load_table
+_CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "tma")
 
-    key = table_key(kernel, dim_class, element_size, LONG_SEQLEN + 1 if long else 0)
-    tuned = load_table(TABLE_PATH.with_name(TABLE_NAME)).get("cards", {}).get(card, {}).get(key)
-    if tuned is not None:
-        return tuple(tuned.items())
-    defaults = _FLOAT32 if element_size > 2 else _DEFAULTS
-    return tuple(defaults[(kernel, dim_class)].items())
+
+def config_args(cfg: dict) -> list[int]:
+    """A configuration as the ops take it (a list of ints: a custom op's arguments cannot be dicts)."""
+    return [int(bool(cfg.get("tma"))) if name == "tma" else int(cfg[name]) for name in _CONFIG_FIELDS]
+
+
+def config_of(args) -> dict:
+    """The inverse of :func:`config_args`."""
+    cfg = dict(zip(_CONFIG_FIELDS, args))
+    cfg["tma"] = bool(cfg["tma"])
+    return cfg
 
 
 def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -539,14 +543,14 @@ MIN_BLOCK = 16  # no configuration (table, defaults, interpreter) has a smaller 
 
 
 def unsupported_reason(num_seqs: int, max_seqlen: int, head_dim: int, device: torch.device,
-                       element_size: int) -> str | None:
+                       element_size: int, tuned=None) -> str | None:
     """Why the kernels cannot launch this case (None when they can): the forward and backward grids hold every
     sequence on one axis and every block of the longest one on another, each at most :data:`MAX_GRID_YZ`."""
     if num_seqs > MAX_GRID_YZ:
         return f"{num_seqs} sequences in one call (at most {MAX_GRID_YZ})"
     if cdiv(max_seqlen, MIN_BLOCK) <= MAX_GRID_YZ:  # every call of a training run: no config lookups
         return None
-    blocks = [kernel_config(kernel, head_dim, device, element_size, max_seqlen)[key]
+    blocks = [kernel_config(kernel, head_dim, device, element_size, max_seqlen, tuned)[key]
               for kernel, key in (("fwd", "BLOCK_M"), ("dq", "BLOCK_M"), ("dkdv", "BLOCK_N"))]
     if cdiv(max_seqlen, min(blocks)) > MAX_GRID_YZ:
         return f"a sequence of {max_seqlen} tokens (at most {MAX_GRID_YZ * min(blocks)} with blocks of {min(blocks)})"
@@ -625,30 +629,30 @@ def launch_dq(out, dout, q, k, v, lse, delta, dq, cu_seqlens, max_seqlen, softma
 
 @eager_direct_triton_op("fastsft::flash_attn_varlen_fwd_triton", mutates_args={})
 def flash_attn_varlen_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                          max_seqlen: int, softmax_scale: float, causal: bool, window: int, softcap: float
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          max_seqlen: int, softmax_scale: float, causal: bool, window: int, softcap: float,
+                          config: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Output [total, Hq, D] (dtype of q) and log-sum-exp [Hq, total] (float32, natural log).
 
     ``q``/``k``/``v`` need stride 1 in their last dim; ``window`` 0 and ``softcap`` 0 mean none; ``max_seqlen``
-    must be at least the longest sequence (blocks are launched up to it)."""
-    total, hq, d = q.shape
+    must be at least the longest sequence (blocks are launched up to it). ``config``: the launch configuration
+    (:func:`config_args` of a :func:`kernel_config`)."""
+    total, hq = q.shape[0], q.shape[1]
     out = _empty(q.shape, q)
     lse = _empty((hq, total), q, torch.float32)
     if total == 0 or cu_seqlens.shape[0] < 2 or max_seqlen <= 0 or _no_launch(q):
         return out, lse
-    cfg = kernel_config("fwd", d, q.device, q.element_size(), max_seqlen)
-    launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, cfg)
+    launch_fwd(q, k, v, out, lse, cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap, config_of(config))
     return out, lse
 
 
 @eager_direct_triton_op("fastsft::flash_attn_varlen_bwd_triton", mutates_args={})
 def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                           lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, softmax_scale: float,
-                          causal: bool, window: int, softcap: float
+                          causal: bool, window: int, softcap: float, dq_config: list[int], dkdv_config: list[int]
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) of the forward above, given ``dout`` and the forward's ``out`` and ``lse``.
-    Deterministic: no atomics, every element written by one program."""
-    total, hq, d = q.shape
+    """Gradients (dq, dk, dv) of the forward above, given ``dout`` and the forward's ``out`` and ``lse``, with the
+    dQ and dK/dV kernels' launch configurations. Deterministic: no atomics, every element written by one program."""
+    total, hq = q.shape[0], q.shape[1]
     dq = _empty(q.shape, q)
     dk = _empty(k.shape, k)
     dv = _empty(v.shape, v)
@@ -658,8 +662,6 @@ def flash_attn_varlen_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
         return dq, dk, dv
     delta = _empty((hq, total), q, torch.float32)
     args = (cu_seqlens, max_seqlen, softmax_scale, causal, window, softcap)
-    launch_dq(out, dout, q, k, v, lse, delta, dq, *args,
-              kernel_config("dq", d, q.device, q.element_size(), max_seqlen))
-    launch_dkdv(dout, q, k, v, lse, delta, dk, dv, *args,
-                kernel_config("dkdv", d, q.device, q.element_size(), max_seqlen))
+    launch_dq(out, dout, q, k, v, lse, delta, dq, *args, config_of(dq_config))
+    launch_dkdv(dout, q, k, v, lse, delta, dk, dv, *args, config_of(dkdv_config))
     return dq, dk, dv

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from fastsft import backends
+from fastsft import backends, card_table
 from fastsft._tensor_cache import LastTensorCache
 from fastsft.reference import attention as reference
 
@@ -136,23 +136,56 @@ def _assert_cu_seqlens_device_values(cu_seqlens, total, max_seqlen):
 # --- reference backend ---------------------------------------------------------------------------------------
 
 @backends.register(OP, "reference")
-def _reference_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window, softcap):
-    del max_seqlen
+def _reference_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window, softcap, launch):
+    del max_seqlen, launch
     return reference.flash_attention_varlen(q, k, v, cu_seqlens, causal=causal, softmax_scale=softmax_scale,
                                             window=window, softcap=softcap)
 
 
 # --- triton backend ------------------------------------------------------------------------------------------
 
-def _run(stage, *args):
-    """The forward or backward kernels (``fastsft::`` custom ops; eager calls launch them directly)."""
-    from fastsft.triton_kernels import flash_attention as fa
+class KernelLaunch:
+    """The Triton kernels' launch configurations on one device: the card table's tuned entries (section
+    ``attention_kernels``) over the kernels' defaults, as the ops take them, worked out once per case (head dim,
+    dtype width, short or long rows)."""
 
-    return (fa.flash_attn_varlen_fwd if stage == "fwd" else fa.flash_attn_varlen_bwd)(*args)
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.tuned = dict(card_table.section(device, "attention_kernels"))
+        self._configs: dict = {}
+
+    def configs(self, head_dim: int, element_size: int, max_seqlen: int) -> tuple[list[int], list[int], list[int]]:
+        """The forward, dQ and dK/dV kernels' configurations (:func:`~fastsft.triton_kernels.flash_attention.
+        config_args`) for this case."""
+        from fastsft.triton_kernels import flash_attention as fa
+
+        key = (head_dim, element_size, max_seqlen > fa.LONG_SEQLEN)
+        found = self._configs.get(key)
+        if found is None:
+            found = self._configs[key] = tuple(
+                fa.config_args(fa.kernel_config(kernel, head_dim, self.device, element_size, max_seqlen, self.tuned))
+                for kernel in ("fwd", "dq", "dkdv"))
+        return found
+
+    def describe(self, head_dim: int, element_size: int = 2) -> str:
+        """The configurations for ``head_dim`` (short and long rows), for reports."""
+        from fastsft.triton_kernels import flash_attention as fa
+
+        parts = []
+        for bucket, max_seqlen in (("short", 0), ("long", fa.LONG_SEQLEN + 1)):
+            for kernel, args in zip(("fwd", "dq", "dkdv"), self.configs(head_dim, element_size, max_seqlen)):
+                cfg = fa.config_of(args)
+                tuned = fa.table_key(kernel, head_dim, element_size, max_seqlen) in self.tuned
+                parts.append(f"{kernel}/{bucket} {cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} "
+                             f"s{cfg['num_stages']}{' tma' if cfg['tma'] else ''}{' (tuned)' if tuned else ''}")
+        return ", ".join(parts)
+
+
+backends.register_launch(OP, KernelLaunch)
 
 
 @backends.register(OP, "triton", available=backends.triton_available)
-def _triton_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window, softcap):
+def _triton_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, window, softcap, launch):
     if q.dtype not in _KERNEL_DTYPES:
         raise backends.Unsupported(f"{OP}: the triton backend takes {_KERNEL_DTYPES}, got {q.dtype}; "
                                    "use backend='reference'")
@@ -161,11 +194,13 @@ def _triton_backend(q, k, v, cu_seqlens, max_seqlen, *, causal, softmax_scale, w
                                    f"{q.shape[-1]}; use backend='reference'")
     from fastsft.triton_kernels import flash_attention as fa
 
-    reason = fa.unsupported_reason(cu_seqlens.shape[0] - 1, max_seqlen, q.shape[-1], q.device, q.element_size())
+    reason = fa.unsupported_reason(cu_seqlens.shape[0] - 1, max_seqlen, q.shape[-1], q.device, q.element_size(),
+                                   launch.tuned)
     if reason is not None:  # checked before the forward: the backward launches the same grids and cannot fall back
         raise backends.Unsupported(f"{OP}: the triton backend cannot launch {reason}")
+    configs = launch.configs(q.shape[-1], q.element_size(), max_seqlen)
     return _FlashAttnVarlen.apply(q, k, v, cu_seqlens, max_seqlen, softmax_scale, causal, int(window or 0),
-                                  float(softcap or 0.0))
+                                  float(softcap or 0.0), configs)
 
 
 def _last_dim_contiguous(t):
@@ -174,21 +209,24 @@ def _last_dim_contiguous(t):
 
 class _FlashAttnVarlen(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap):
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap, configs):
+        from fastsft.triton_kernels.flash_attention import flash_attn_varlen_fwd
+
         q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        out, lse = _run("fwd", q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap)
+        fwd_config, dq_config, dkdv_config = configs
+        out, lse = flash_attn_varlen_fwd(q, k, v, cu_seqlens, max_seqlen, scale, causal, window, softcap, fwd_config)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
-        ctx.args = (max_seqlen, scale, causal, window, softcap)
+        ctx.args = (max_seqlen, scale, causal, window, softcap, dq_config, dkdv_config)
         return out
 
     @staticmethod
     def backward(ctx, dout):
+        from fastsft.triton_kernels.flash_attention import flash_attn_varlen_bwd
+
         _no_double_backward()
         q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
-        max_seqlen, scale, causal, window, softcap = ctx.args
-        dq, dk, dv = _run("bwd", dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, scale, causal,
-                          window, softcap)
-        return dq, dk, dv, None, None, None, None, None, None
+        dq, dk, dv = flash_attn_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_seqlens, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _no_double_backward():

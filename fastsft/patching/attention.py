@@ -11,10 +11,11 @@ def attention_unsupported(config) -> str | None:
     return None
 
 
-def patch_attention(causal_lm, record, backend: str = "auto") -> str:
+def patch_attention(causal_lm, record, plan) -> str:
     """Select transformers' attention implementation ``"fastsft"`` (registered on first use) on a copy of the
-    model's config: models built from one config object share it, and the others stay as they are. An explicit
-    ``backend`` is kept on the attention modules, whose every call then runs fastsft's op on exactly it."""
+    model's config: models built from one config object share it, and the others stay as they are. Every
+    attention module gets ``plan`` (a :class:`fastsft.transformers_attention.AttentionPlan`), which its calls
+    run."""
     from fastsft import transformers_attention
 
     shared = causal_lm.config
@@ -22,14 +23,10 @@ def patch_attention(causal_lm, record, backend: str = "auto") -> str:
     _use_config(causal_lm, shared, own)
     record.attention = (own._attn_implementation, shared, own)
     causal_lm.set_attn_implementation(transformers_attention.register())
-    if backend != "auto":
-        for module in causal_lm.modules():
-            if module.__dict__.get("config") is own and hasattr(module, "head_dim"):  # the attention modules
-                module.__dict__[transformers_attention.BACKEND_ATTR] = backend
-        return f"fastsft on the {backend} backend"
-    device = next(causal_lm.parameters()).device
-    orders = {case: transformers_attention.provider_order(case, device) for case in ("packed", "dense")}
-    return "providers: " + "; ".join(f"{case} {' > '.join(order)}" for case, order in orders.items())
+    for module in causal_lm.modules():
+        if module.__dict__.get("config") is own and hasattr(module, "head_dim"):  # the attention modules
+            module.__dict__[transformers_attention.PLAN_ATTR] = plan
+    return str(plan)
 
 
 def _use_config(causal_lm, old, new) -> None:
@@ -49,7 +46,11 @@ def _same_config(a, b) -> bool:
 
 def undo_attention(causal_lm, attention: tuple) -> None:
     """Undo :func:`patch_attention` given what it recorded (``ModulePatches.attention``)."""
+    from fastsft.transformers_attention import PLAN_ATTR
+
     previous, shared, own = attention
+    for module in causal_lm.modules():
+        module.__dict__.pop(PLAN_ATTR, None)
     causal_lm.set_attn_implementation(previous)
     if causal_lm.config is own and _same_config(own, shared):
         _use_config(causal_lm, own, shared)  # nothing else changed in the copy: the model shares it again

@@ -20,8 +20,9 @@ import torch
 from fastsft import backends
 from fastsft.ops.linear_cross_entropy import OP as LINEAR_CROSS_ENTROPY
 from fastsft.patching import attention as attention_patch, modules, rope as rope_patch
-from fastsft.patching.families import FAMILIES, KERNELS
+from fastsft.patching.families import FAMILIES
 from fastsft.patching.lm_head import STATE_ATTR, PatchState, make_forward
+from fastsft.patching.plan import resolve_plan
 from fastsft.patching.report import PatchReport
 
 
@@ -48,6 +49,7 @@ def _is_peft_model(model) -> bool:
 
 
 MODULES_ATTR = "_fastsft_module_patches"  # instance attribute: modules.ModulePatches
+PLAN_ATTR = "_fastsft_plan"  # instance attribute: the patch's plan.Plan, which refresh() reuses
 
 
 def is_patched(model) -> bool:
@@ -68,8 +70,9 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
 
     Each keyword turns one kernel off when False. ``backend`` is passed to the ops (``"auto"``, ``"cuda"``,
     ``"triton"``, ``"reference"``); an explicit backend that cannot run on the model's device raises
-    ``fastsft.backends.BackendUnavailable`` before anything is changed. Patching a patched model re-patches it
-    with the new switches. An architecture missing from ``fastsft.patching.families.FAMILIES`` is left
+    ``fastsft.backends.BackendUnavailable`` before anything is changed. Every op is resolved here, once, for the
+    model's device (the plan, shown in the report); the patched model runs it. Patching a patched model re-patches
+    it with the new switches. An architecture missing from ``fastsft.patching.families.FAMILIES`` is left
     unpatched with a warning. Returns a :class:`PatchReport`.
 
     LoRA layers are patched where they exist: patch after ``get_peft_model``, or call :func:`refresh` after
@@ -78,7 +81,6 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
     causal_lm = causal_lm_of(model)
     switches = {"fused_cross_entropy": fused_cross_entropy, "attention": attention, "rms_norm": rms_norm,
                 "lora": lora, "gated_activation": gated_activation, "rope": rope}
-    assert switches.keys() == KERNELS.keys(), "patch() switches and families.KERNELS must list the same kernels"
     config = causal_lm.config
     device = causal_lm.get_output_embeddings().weight.device
     report = PatchReport(type(causal_lm).__name__, config.model_type, supported=config.model_type in FAMILIES,
@@ -95,26 +97,30 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
     for name, on in switches.items():
         if not on:
             report.skipped[name] = "turned off"
-        elif KERNELS[name] is not None:
-            report.skipped[name] = KERNELS[name]
         elif device.type == "meta":
             report.skipped[name] = "the model's weights are on the meta device"
         else:
-            wanted[name] = _chosen_backend(name, device, backend)
-    if kept_auto := backends.lacking([_OPS[name] for name in wanted if _OPS.get(name)], backend):
+            wanted[name] = None  # its backend, from the plan below
+    if kept_auto := backends.lacking([_OPS[name] for name in wanted], backend):
         warnings.warn(f"fastsft: backend={backend!r} applies to the ops that have it; {', '.join(kept_auto)} "
                       f"{'has' if len(kept_auto) == 1 else 'have'} none and keep 'auto'", UserWarning, stacklevel=2)
     if "attention" in wanted and (reason := attention_patch.attention_unsupported(config)):
         wanted.pop("attention")
         report.skipped["attention"] = reason
+    plan = resolve_plan(device, backend, asked=[_OPS[name] for name in wanted], attention="attention" in wanted,
+                        head_dim=_head_dim(config), element_size=causal_lm.get_output_embeddings().weight.element_size())
+    for name in wanted:
+        wanted[name] = plan[_OPS[name]].backend
+    report.plan = plan
     if ("gated_activation" in wanted or "lora" in wanted) and modules.activation_of(config) is None:
         act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
         report.skipped["gated_activation"] = f"activation {act!r} has no fastsft kernel"
         wanted.pop("gated_activation", None)
 
     unpatch(causal_lm)
+    setattr(causal_lm, PLAN_ATTR, plan)
     if "fused_cross_entropy" in wanted:
-        state = PatchState(family=family, backend=backends.for_model(LINEAR_CROSS_ENTROPY, backend),
+        state = PatchState(family=family, backend=plan[LINEAR_CROSS_ENTROPY],
                            softcap=family.softcap(config), logit_scale=family.logit_scale(config),
                            previous_forward=None)
         state.installed_forward = types.MethodType(make_forward(type(causal_lm)), causal_lm)
@@ -122,7 +128,7 @@ def patch(model, *, fused_cross_entropy: bool = True, attention: bool = True, rm
         state.slot, state.previous_forward = modules.install_forward(causal_lm, state.installed_forward)
         setattr(causal_lm, STATE_ATTR, state)
         report.patched["fused_cross_entropy"] = wanted["fused_cross_entropy"]
-    _patch_modules(causal_lm, family, wanted, backend, report)
+    _patch_modules(causal_lm, family, wanted, backend, plan, report)
     return report
 
 
@@ -131,14 +137,16 @@ _OPS = {"fused_cross_entropy": LINEAR_CROSS_ENTROPY, "rms_norm": "rms_norm", "lo
         "attention": "flash_attention_varlen"}  # kernel switch -> the op it runs
 
 
-def _chosen_backend(kernel: str, device, backend: str) -> str:
-    op = _OPS.get(kernel)
-    return backends.chosen(op, device, backends.for_model(op, backend)) if op else backend
+def _head_dim(config) -> int | None:
+    head_dim = getattr(config, "head_dim", None)
+    if head_dim is None and getattr(config, "num_attention_heads", None):
+        head_dim = config.hidden_size // config.num_attention_heads
+    return head_dim
 
 
-def _patch_modules(causal_lm, family, wanted: dict, backend: str, report: PatchReport) -> None:
-    """Attention, RoPE, norms, LoRA layers and MLPs, as they are in the model now; what to undo is recorded on the
-    instance and its modules."""
+def _patch_modules(causal_lm, family, wanted: dict, backend: str, plan, report: PatchReport) -> None:
+    """Attention, RoPE, norms, LoRA layers and MLPs, as they are in the model now, running ``plan``; what to undo
+    is recorded on the instance and its modules."""
     record = modules.ModulePatches(dict(wanted), backend)
     # Kept even with nothing patched yet: refresh() retries (LoRA layers appear when PEFT wraps the model).
     setattr(causal_lm, MODULES_ATTR, record)
@@ -153,23 +161,20 @@ def _patch_modules(causal_lm, family, wanted: dict, backend: str, report: PatchR
         report.patched[name] = f"{wanted[name]}: {detail}" if name != "attention" else detail
 
     if "attention" in wanted:
-        apply("attention", lambda: attention_patch.patch_attention(causal_lm, record,
-                                                            backends.for_model("flash_attention_varlen", backend)))
+        apply("attention", lambda: attention_patch.patch_attention(causal_lm, record, plan.attention))
     if "rope" in wanted:
-        apply("rope", lambda: rope_patch.patch_rope(causal_lm, backends.for_model("rope", backend), record))
+        apply("rope", lambda: rope_patch.patch_rope(causal_lm, plan["rope"], record))
     if "rms_norm" in wanted:
-        apply("rms_norm", lambda: modules.patch_rms_norms(causal_lm, family.norm_offset,
-                                                          backends.for_model("rms_norm", backend)))
+        apply("rms_norm", lambda: modules.patch_rms_norms(causal_lm, family.norm_offset, plan["rms_norm"]))
     if "lora" in wanted:
-        apply("lora", lambda: modules.patch_lora(causal_lm, backends.for_model("lora", backend), record))
+        apply("lora", lambda: modules.patch_lora(causal_lm, plan, record))
     activation = modules.activation_of(causal_lm.config)
     fuse_lora = "lora" in report.patched and modules.has_lora_mlps(causal_lm)
     if activation and (fuse_lora or "gated_activation" in wanted):
-        # one backend for lora_mlp and the gated activation: the asked one where both have it
-        mlp_backend = backends.for_model("lora", backends.for_model("gated_activation", backend))
+        # the whole plan: an MLP runs lora_mlp and the gated activation, each on its own resolved backend
         try:
             detail = modules.patch_mlps(causal_lm, activation, fuse_lora=fuse_lora,
-                                        gated="gated_activation" in wanted, backend=mlp_backend)
+                                        gated="gated_activation" in wanted, backend=plan)
         except LookupError as exc:
             report.skipped.setdefault("gated_activation", str(exc))
         else:
@@ -190,11 +195,12 @@ def refresh(model) -> PatchReport | None:
     modules.undo_module_patches(causal_lm, record)
     wanted, backend = record.wanted, record.backend
     config = causal_lm.config
+    plan = causal_lm.__dict__[PLAN_ATTR]
     report = PatchReport(type(causal_lm).__name__, config.model_type, supported=True,
-                         device=str(causal_lm.get_output_embeddings().weight.device))
+                         device=str(causal_lm.get_output_embeddings().weight.device), plan=plan)
     if STATE_ATTR in causal_lm.__dict__:
         report.patched["fused_cross_entropy"] = wanted["fused_cross_entropy"]
-    _patch_modules(causal_lm, FAMILIES[config.model_type], wanted, backend, report)
+    _patch_modules(causal_lm, FAMILIES[config.model_type], wanted, backend, plan, report)
     return report
 
 
@@ -206,6 +212,7 @@ def unpatch(model) -> bool:
     """
     causal_lm = causal_lm_of(model)
     record = causal_lm.__dict__.pop(MODULES_ATTR, None)
+    causal_lm.__dict__.pop(PLAN_ATTR, None)
     had_modules = bool(record and record.patched)
     if record is not None:
         modules.undo_module_patches(causal_lm, record)

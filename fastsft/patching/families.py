@@ -48,13 +48,3 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("cohere", logit_scale_attr="logit_scale"),
     Family("granite", logit_scale_attr="logits_scaling", logit_scale_divides=True),
 )}
-
-# Every kernel fastsft can patch in, by switch name: None when it is available, else why not.
-KERNELS: dict[str, str | None] = {
-    "fused_cross_entropy": None,
-    "attention": None,
-    "rms_norm": None,
-    "lora": None,
-    "gated_activation": None,
-    "rope": None,
-}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
 class PatchReport:
-    """``patched``: kernel switch name -> backend chosen for ``device`` (the LM head's) at patch time, with what was
-    patched (``auto`` re-picks per call, so a model moved to another device may run another backend). ``skipped``: switch name -> why it
-    was left alone. ``supported``: False when the architecture is not in the family table (nothing was patched).
+    """``patched``: kernel switch name -> the backend it runs on ``device`` (the LM head's), with what was patched.
+    ``skipped``: switch name -> why it was left alone. ``supported``: False when the architecture is not in the
+    family table (nothing was patched). ``plan``: what the patched model runs (:class:`fastsft.patching.plan.Plan`:
+    every op's backend and fallbacks, the attention backends per case, the attention kernels' launch
+    configuration); a model moved to another device type resolves the same requests there on first use.
     """
 
     model_class: str
@@ -18,10 +21,7 @@ class PatchReport:
     device: str = "cpu"
     patched: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def any_patched(self) -> bool:
-        return bool(self.patched)
+    plan: Any = None
 
     def __str__(self) -> str:
         head = f"fastsft patch report for {self.model_class} (model_type={self.model_type!r})"
@@ -30,5 +30,8 @@ class PatchReport:
         rows = [(name, "patched", f"backend {detail} on {self.device}" if " " not in detail else detail)
                 for name, detail in self.patched.items()]
         rows += [(name, "skipped", reason) for name, reason in self.skipped.items()]
-        width = max(len(name) for name, _, _ in rows)
-        return "\n".join([head] + [f"  {name:<{width}}  {status:<7}  {detail}" for name, status, detail in rows])
+        width = max((len(name) for name, _, _ in rows), default=0)
+        lines = [head] + [f"  {name:<{width}}  {status:<7}  {detail}" for name, status, detail in rows]
+        if self.plan is not None:
+            lines += [str(self.plan)]
+        return "\n".join(lines)
