@@ -16,7 +16,6 @@ head, backward 2.5x the forward. Each provider runs in its own try/except; a fai
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import subprocess
 import sys
@@ -39,19 +38,20 @@ def parse_args(argv):
     p.add_argument("--rep", type=int, default=100, help="do_bench target time per measurement in ms")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-table", action="store_true",
-                   help="store the measured provider order for this card in fastsft/attention_table.json")
+                   help="store the measured attention backend order for this card in fastsft/card_table.json")
     return p.parse_args(argv)
 
 
-# bench provider -> provider name of fastsft.transformers_attention (flex has no counterpart there)
-_INTEGRATION_NAMES = {"fastsft_triton": "fastsft", "varlen_attn": "torch_varlen", "sdpa": "sdpa"}
+# bench provider -> attention backend of fastsft.transformers_attention (flex has no counterpart there)
+_INTEGRATION_NAMES = {"fastsft_triton": "triton", "varlen_attn": "torch_varlen", "sdpa": "sdpa"}
 
 
 def write_attention_table(rows, gpu):
-    """Order the transformers-integration providers by forward+backward time at head dim 128 and the largest
-    measured size of each case. SDPA counts only for dense rows: on packed rows it would need the mask."""
-    table_path = Path(__file__).resolve().parents[1] / "fastsft" / "attention_table.json"
-    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    """Order the attention backends of patched models by forward+backward time at head dim 128 and the largest
+    measured size of each case, into the card table (where it differs from the default order). SDPA counts only
+    for dense rows: on packed rows it would need the mask."""
+    from fastsft import card_table, transformers_attention
+
     entry = {}
     for kind in ("dense", "packed"):
         ok = [r for r in rows if r["kind"] == kind and r["head_dim"] == 128 and "fwd_bwd_ms" in r
@@ -60,10 +60,11 @@ def write_attention_table(rows, gpu):
             continue
         largest = max(r["tokens"] for r in ok)
         ranked = sorted((r for r in ok if r["tokens"] == largest), key=lambda r: r["fwd_bwd_ms"])
-        entry[kind] = [_INTEGRATION_NAMES[r["provider"]] for r in ranked]
-    table.setdefault("cards", {})[gpu] = entry
-    table_path.write_text(json.dumps(table, indent=2) + "\n")
-    print(f"attention provider order for {gpu}: {entry}")
+        entry[kind] = [_INTEGRATION_NAMES[r["provider"]] for r in ranked] + ["reference"]
+    defaults = {case: list(order) for case, order in transformers_attention.DEFAULT_ORDER.items()}
+    defaults["packed"] = [b for b in defaults["packed"] if b != "sdpa"]
+    path = card_table.update(gpu, "attention", entry, defaults)
+    print(f"attention backend order for {gpu}: {entry} (stored in {path} where it differs from {defaults})")
 
 
 def packed_lengths(total, seed, lo=100, hi=2000):

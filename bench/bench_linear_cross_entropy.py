@@ -8,14 +8,13 @@ and fastsft's ``triton`` and ``cuda`` backends. Llama-3-8B head (hidden 4096, vo
 weight (the LoRA case: gradient of the hidden states only) and trainable weight. Rows record the median time,
 p20/p80, the peak memory above the inputs, and the matmul floor 4·T·H·V (6·T·H·V when the weight trains) at
 the bf16 matmul rate measured in the same run. ``--write-table`` stores fastsft's backend order for this card
-in ``fastsft/backend_table.json`` (faster first).
+in fastsft's per-card table (``fastsft/card_table.json``, where it differs from the default; faster first).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 from pathlib import Path
 
 import torch
@@ -166,11 +165,7 @@ def write_backend_table(rows: list[dict]) -> None:
     largest = max(r["tokens"] for r in ours)
     ranked = sorted((r for r in ours if r["tokens"] == largest), key=lambda r: r["ms"])
     order = [r["provider"].removeprefix("fastsft-") for r in ranked] + ["reference"]
-    path = Path(__file__).resolve().parents[1] / "fastsft" / "backend_table.json"
-    table = json.loads(path.read_text())
-    table["linear_cross_entropy"].setdefault("cards", {})[torch.cuda.get_device_name()] = order
-    path.write_text(json.dumps(table, indent=2) + "\n")
-    print(f"backend order for {torch.cuda.get_device_name()}: {order}")
+    harness.write_backend_order(torch.cuda.get_device_name(), {"linear_cross_entropy": order})
 
 
 def main(argv=None) -> None:

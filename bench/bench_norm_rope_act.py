@@ -13,14 +13,14 @@ from an idle device (``triton.testing.do_bench``), so the host's time to launch 
 longer than the kernels'; ``device_ms`` (and ``device_GB/s``, ``device_of_copy_bw``) times the step with its
 launches queued behind a spinning kernel (:func:`bench.harness.device_time_ms`): the kernels alone
 (``device_covered`` False means the queue ran dry, so that figure still holds launch gaps).
-``--write-table`` stores fastsft's backend order for this card in ``fastsft/backend_table.json``.
+``--write-table`` stores fastsft's backend order for this card in ``fastsft/card_table.json`` (where it differs
+from the default).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import json
 from pathlib import Path
 
 import torch
@@ -180,19 +180,15 @@ _TABLE_OP = {"rms_norm": "rms_norm", "rope": "rope", "swiglu": "gated_activation
 
 def write_backend_table(rows: list[dict]) -> None:
     """Order fastsft's backends for this card by their median time at the largest token count."""
-    path = Path(__file__).resolve().parents[1] / "fastsft" / "backend_table.json"
-    table = json.loads(path.read_text())
-    card = torch.cuda.get_device_name()
+    orders = {}
     for op, table_op in _TABLE_OP.items():
         ours = [r for r in rows if r["op"] == op and r["provider"].startswith("fastsft-") and "ms" in r]
         if not ours:
             continue
         largest = max(r["tokens"] for r in ours)
         ranked = sorted((r for r in ours if r["tokens"] == largest), key=lambda r: r["ms"])
-        order = [r["provider"].removeprefix("fastsft-") for r in ranked] + ["reference"]
-        table.setdefault(table_op, {}).setdefault("cards", {})[card] = order
-        print(f"{table_op} backend order for {card}: {order}")
-    path.write_text(json.dumps(table, indent=2) + "\n")
+        orders[table_op] = [r["provider"].removeprefix("fastsft-") for r in ranked] + ["reference"]
+    harness.write_backend_order(torch.cuda.get_device_name(), orders)
 
 
 def main(argv=None) -> None:

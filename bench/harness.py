@@ -155,6 +155,18 @@ def peak_extra_bytes(fn: Callable[[], object]) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def write_backend_order(card: str, orders: dict[str, list[str]]) -> None:
+    """Store measured backend orders (op -> backends, fastest first) for ``card`` in fastsft's per-card table,
+    where they differ from the default order."""
+    from fastsft import backends, card_table, ops
+
+    del ops  # imported for its backends' registration
+
+    defaults = {op: [b for b in backends.DEFAULT_ORDER["cuda"] if b in backends.registered(op)] for op in orders}
+    path = card_table.update(card, "backends", orders, defaults)
+    print(f"backend orders for {card}: {orders} (stored in {path} where they differ from {defaults})")
+
+
 def config_dict(config) -> dict:
     """A benchmark's config dataclass as the ``config`` of its JSON results (dtypes by name)."""
     return {k: str(v) if isinstance(v, torch.dtype) else v for k, v in config.__dict__.items()}

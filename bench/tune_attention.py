@@ -11,15 +11,14 @@ dtype width, row kind). (In one run on an H200, the dK/dV configuration 7% faste
 
     python -m bench.tune_attention --out bench/results [--quick] [--write-table]
 
-``--write-table`` merges the winners for this card into ``fastsft/attention_kernel_table.json``, which
-``fastsft.triton_kernels.flash_attention.kernel_config`` reads. Times: medians of CUDA-event timings
+``--write-table`` merges the winners for this card that differ from the defaults into ``fastsft/card_table.json``
+(section ``attention_kernels``), from which a patched model's plan takes its launch configurations. Times: medians of CUDA-event timings
 (``triton.testing.do_bench``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -59,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--head-dims", default=None, help="comma-separated head dims (default 128,64; 128 with --quick)")
     p.add_argument("--rep", type=int, default=40, help="do_bench target time per candidate in ms")
     p.add_argument("--write-table", action="store_true",
-                   help="merge this card's winners into fastsft/attention_kernel_table.json")
+                   help="merge this card's winners into fastsft/card_table.json")
     return p.parse_args(argv)
 
 
@@ -214,13 +213,16 @@ def main(argv=None) -> int:
         print(f"best {key}: {cfg} {ms:.4f} ms summed over its cases (default {default_ms})", flush=True)
     card = torch.cuda.get_device_name()
     if args.write_table:
-        from fastsft.backends import TABLE_PATH
+        from fastsft import card_table
 
-        path = TABLE_PATH.with_name(fa.TABLE_NAME)
-        table = json.loads(path.read_text()) if path.exists() else {}
-        table.setdefault("cards", {}).setdefault(card, {}).update({key: cfg for key, (cfg, _) in best.items()})
-        path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {len(best)} entries for {card} to {path}")
+        defaults = {}
+        for key in best:
+            kernel, dim, bits, _ = key.split("/")
+            default = fa.default_config(kernel, int(dim[1:]), int(bits.removesuffix("bit")) // 8)
+            defaults[key] = default
+        measured = {key: {k: v for k, v in cfg.items() if k != "tma" or v} for key, (cfg, _) in best.items()}
+        path = card_table.update(card, "attention_kernels", measured, defaults)
+        print(f"wrote the entries of {card} that differ from the defaults to {path}")
     if args.out is not None:
         from bench import harness
 

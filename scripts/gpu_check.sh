@@ -61,11 +61,9 @@ for s in $stages; do
     bench-lce) stage bench-lce python3 -m bench.bench_linear_cross_entropy --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
     tune-attention) stage tune-attention python3 -m bench.tune_attention --out "$out" --write-table \
-             ${FASTSFT_BENCH_QUICK:+--quick}
-             cp fastsft/attention_kernel_table.json "$out/" 2>/dev/null ;;
+             ${FASTSFT_BENCH_QUICK:+--quick} ;;
     bench-attention) stage bench-attention python3 -m bench.bench_attention --out "$out/attention.json" \
-             --write-table ${FASTSFT_BENCH_QUICK:+--quick}
-             cp fastsft/attention_table.json "$out/" 2>/dev/null ;;
+             --write-table ${FASTSFT_BENCH_QUICK:+--quick} ;;
     bench-norm) stage bench-norm python3 -m bench.bench_norm_rope_act --out "$out" --write-table \
              ${FASTSFT_BENCH_QUICK:+--quick} ;;
     bench-lora) stage bench-lora python3 -m bench.bench_lora --out "$out" ${FASTSFT_BENCH_QUICK:+--quick} ;;
@@ -83,6 +81,6 @@ for s in $stages; do
     *) echo "unknown stage $s" | tee -a "$summary"; status=2 ;;
   esac
 done
-cp fastsft/backend_table.json fastsft/attention_table.json "$out/" 2>/dev/null
+cp fastsft/card_table.json "$out/" 2>/dev/null  # what the --write-table stages measured
 cat "$summary"
 exit $status

@@ -52,7 +52,7 @@ def test_sdist_has_every_source_and_header(sdist):
     missing = sorted(set(sources) - sdist["files"])
     assert not missing, f"left out of the sdist: {missing}"
     assert {"setup.py", "pyproject.toml", "CMakeLists.txt", "LICENSE", "fastsft/data/demo_chat.jsonl",
-            "fastsft/data/demo_model/config.json", "fastsft/backend_table.json"} <= sdist["files"]
+            "fastsft/data/demo_model/config.json", "fastsft/card_table.json"} <= sdist["files"]
 
 
 def test_license_file_and_metadata(sdist):

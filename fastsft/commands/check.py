@@ -269,9 +269,18 @@ def format_table(results: list[CheckResult]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in rows)
 
 
+def plans() -> list[str]:
+    """What a model patched on each local device would run (its plan, as the patch report shows it)."""
+    from fastsft.patching.plan import resolve_plan
+
+    return [str(resolve_plan(device, attention=True)) for device in _devices()]
+
+
 def main(args) -> int:
     results = run_checks()
     print(format_table(results))
+    print()
+    print("\n".join(plans()))
     count = {status: sum(r.status == status for r in results) for status in ("PASS", "FAIL", "SKIP", "NO CASE")}
     print(f"\n{count['PASS']} passed, {count['FAIL']} failed, {count['SKIP']} skipped (not available here), "
           f"{count['NO CASE']} op(s) without a check case")
