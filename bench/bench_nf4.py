@@ -5,7 +5,9 @@
 Weights 4096x4096 (q/o projections) and 14336x4096 (MLP), NF4 with blocksize 64, with and without double
 quantization, dequantized to bfloat16. Providers: ``bitsandbytes`` (``functional.dequantize_4bit``, the same
 packed weight and quant state), ``fastsft-cuda`` and ``fastsft-triton`` (``fastsft.ops.dequantize_nf4`` writing
-into a preallocated buffer, as the fused LoRA ops use it; bitsandbytes allocates its output). Every fastsft
+into a preallocated buffer; bitsandbytes allocates its output) and ``fastsft-lora``
+(``fastsft.ops.lora.Bnb4bitWeight.dequantize``: a fresh output each call on the ``auto`` backend, as the fused LoRA
+ops run it). Every fastsft
 result is first checked equal bit for bit to bitsandbytes'. Rows: median time, p20/p80, GB/s of the bytes that
 must move (packed codes + absmax state read, bf16 weight written) and that as a fraction of the card's
 device-to-device copy bandwidth measured in the same run.
@@ -21,7 +23,7 @@ import torch
 from bench import harness
 
 SHAPES = ((4096, 4096), (14336, 4096))
-PROVIDERS = ("bitsandbytes", "fastsft-cuda", "fastsft-triton")
+PROVIDERS = ("bitsandbytes", "fastsft-cuda", "fastsft-triton", "fastsft-lora")
 BLOCKSIZE = 64
 
 
@@ -59,6 +61,13 @@ def measure(provider: str, shape, nested: bool, copy_gbs: float) -> dict:
     want = F.dequantize_4bit(packed, state)
     if provider == "bitsandbytes":
         fn = lambda: F.dequantize_4bit(packed, state)  # noqa: E731
+    elif provider == "fastsft-lora":
+        from fastsft.ops.lora import Bnb4bitWeight
+
+        param = packed.clone()
+        param.quant_state = state
+        fn = Bnb4bitWeight(param).dequantize
+        row["bit_exact"] = bool(torch.equal(fn(), want))
     else:
         kwargs = ops.from_bnb(type("P", (), {"data": packed, "quant_state": state, "device": packed.device})())
         buf = torch.empty_like(want)

@@ -451,6 +451,78 @@ def test_fake_nf4_base_matches_dense(device, backend, kind):
         assert [q.calls for q in quant] == [2] * len(quant), [q.calls for q in quant]
 
 
+# --- bitsandbytes 4-bit weights dequantized by fastsft's NF4 op (no bitsandbytes needed) ------------------------
+
+NF4_CASES = [pytest.param(d, b.values[0], id=f"{d}-{b.id}", marks=b.marks) for d in DEVICES
+             for b in backend_params("dequantize_nf4", d)]
+
+
+def fake_params4bit(w: torch.Tensor, *, nested: bool, blocksize: int = 64):
+    """A quantized bitsandbytes ``Params4bit`` stand-in made with fastsft's NF4 quantizer: the packed uint8 codes
+    carrying a ``QuantState``-like ``quant_state`` (the offset a 0-d float32 tensor, as bitsandbytes keeps it).
+    Returns it and the keyword arguments of the reference dequantization."""
+    from types import SimpleNamespace
+
+    from fastsft.ops.nf4 import quantize_nf4
+
+    kw = quantize_nf4(w, blocksize=blocksize, nested=nested)
+    n = kw["nested"]
+    state = SimpleNamespace(absmax=kw["absmax"], shape=torch.Size(kw["shape"]), dtype=kw["dtype"],
+                            blocksize=blocksize, quant_type="nf4", nested=n is not None, code=kw["code"],
+                            offset=None if n is None else torch.tensor(n.offset, device=w.device),
+                            state2=None if n is None else SimpleNamespace(absmax=n.absmax, code=n.code,
+                                                                         blocksize=n.blocksize))
+    param = kw["packed"].clone()
+    param.quant_state = state
+    return param, kw
+
+
+@pytest.mark.parametrize("device,backend", NF4_CASES)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("dtype,blocksize", [(torch.bfloat16, 64), (torch.float32, 128), (torch.float16, 64)])
+def test_bnb4bit_weight_nf4_is_fastsft_op_bit_exact(device, backend, nested, dtype, blocksize, monkeypatch):
+    """An NF4 ``Params4bit`` dequantizes through fastsft's op, equal bit for bit to the reference (which equals
+    bitsandbytes', tests/test_nf4.py), without bitsandbytes; its state is read once, when the weight is wrapped:
+    no host sync (``.item()``) per call, in ``dequantize()`` or in the fused LoRA op's forward and backward."""
+    import sys
+
+    from fastsft.ops.lora import Bnb4bitWeight
+    from fastsft.reference import nf4 as nf4_ref
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # any use of bitsandbytes raises ImportError
+    w = (torch.randn(72, 96, dtype=torch.float64) / 10).to(device=device, dtype=dtype)
+    param, kw = fake_params4bit(w, nested=nested, blocksize=blocksize)
+    want = nf4_ref.dequantize_nf4(**kw)
+    items = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: items.append(1) or item(self))
+    weight = Bnb4bitWeight(param, backend=backend)
+    assert len(items) == int(nested)  # the offset, read once here
+    items.clear()
+    for _ in range(3):
+        got = weight.dequantize()
+        assert got.dtype == dtype and got.shape == want.shape and torch.equal(got, want)
+    _, a, b = make_proj(96, 72, 4, dtype, device)
+    x = make_x((5, 96), dtype, device)
+    out = lora_linear(x, weight, a, b, 0.5)
+    out.sum().backward()
+    assert items == [], f"{len(items)} host syncs per call"
+    assert torch.equal(weight.with_backend("reference").dequantize(), want)
+
+
+def test_bnb4bit_weight_fp4_keeps_bitsandbytes(monkeypatch):
+    """FP4 (and NF4 states fastsft's op does not take) are left to bitsandbytes' ``dequantize_4bit``."""
+    import sys
+
+    from fastsft.ops.lora import Bnb4bitWeight
+
+    param, _ = fake_params4bit(torch.randn(8, 64), nested=False)
+    param.quant_state.quant_type = "fp4"
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ImportError):
+        Bnb4bitWeight(param).dequantize()
+
+
 # --- what the autograd graph keeps -----------------------------------------------------------------------------
 
 _saved: list = []
@@ -735,9 +807,15 @@ def peft_nf4_linear(in_f, out_f, device, dtype=torch.bfloat16, *, r=16, alpha=32
 
 
 def nf4_dense(module) -> torch.Tensor:
+    """bitsandbytes' own dequantization of the layer's weight, which the fused path's (fastsft's NF4 op) equals."""
+    import bitsandbytes.functional as bnb_functional
+
     from fastsft.ops.lora import Bnb4bitWeight
 
-    return Bnb4bitWeight(module.base_layer.weight).dequantize()
+    weight = module.base_layer.weight
+    dense = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    assert torch.equal(Bnb4bitWeight(weight).dequantize(), dense)
+    return dense
 
 
 def adapter_weights(module):
@@ -800,7 +878,7 @@ def test_nf4_lora_mlp_matches_peft_gpu():
 def test_nf4_lora_linear_keeps_no_dequantized_weight_gpu(monkeypatch):
     """The dequantized weight (112 MiB at 4096x14336 in bfloat16) is a temporary: after the forward the graph holds
     the output and x @ A.T only, and forward and backward each have at most one dequantized weight alive at a time.
-    The bound's slack (16 MiB) covers bitsandbytes' dequantized absmax (3.5 MiB here) and the caching allocator
+    The bound's slack (16 MiB) covers a dequantized absmax (3.5 MiB here) and the caching allocator
     rounding a few blocks up by at most 1 MiB each; it is well under the weight itself."""
     from fastsft.ops.lora import Bnb4bitWeight
 
@@ -858,12 +936,14 @@ def nf4_llama_pair(tmp_path, device):
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.bfloat16, quantization_config=nf4,
                                                      device_map={"": 0 if device == "cuda" else "cpu"})
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).to(device)
-    from fastsft.ops.lora import Bnb4bitWeight
+    import bitsandbytes.functional as bnb_functional
 
     n4 = 0
     for name, module in quantized.named_modules():
         if type(module).__name__ == "Linear4bit":
-            dense.get_submodule(name).weight.data.copy_(Bnb4bitWeight(module.weight).dequantize().float())
+            weight = module.weight
+            dense.get_submodule(name).weight.data.copy_(bnb_functional.dequantize_4bit(weight.data,
+                                                                                       weight.quant_state).float())
             n4 += 1
     assert n4 == 14  # every projection of both layers; lm_head stays dense
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -27,6 +27,7 @@ import weakref
 import torch
 
 from fastsft import backends
+from fastsft.ops import nf4
 from fastsft.reference import lora as reference
 
 OP = "lora"
@@ -471,19 +472,53 @@ def _project(x, w, xa, b, scaling):
 
 class Bnb4bitWeight:
     """A bitsandbytes 4-bit (NF4/FP4) ``Params4bit`` seen as a base weight: ``dequantize()`` gives the dense
-    [out, in] weight in the quantization state's dtype, a fresh temporary each call."""
+    [out, in] weight in the quantization state's dtype, a fresh temporary each call.
 
-    def __init__(self, param):
-        self.param = param
+    NF4 runs :func:`fastsft.ops.nf4.dequantize_nf4` on ``backend`` (bit-exact to bitsandbytes), with its arguments
+    read from the quantization state once, here: the nested absmax offset is a device scalar, and reading it is a
+    host sync. FP4, and NF4 states that op does not take, run bitsandbytes' ``dequantize_4bit``."""
+
+    def __init__(self, param, backend="auto"):
+        self.param, self.backend = param, backend
+        self._nf4 = _nf4_arguments(param)
 
     @property
     def shape(self):
         return tuple(self.param.quant_state.shape)
 
+    def with_backend(self, backend) -> Bnb4bitWeight:
+        """This weight on another NF4 backend, the quantization state read by this one reused."""
+        other = object.__new__(Bnb4bitWeight)
+        other.param, other.backend, other._nf4 = self.param, backend, self._nf4
+        return other
+
     def dequantize(self) -> torch.Tensor:
+        if self._nf4 is not None:
+            return nf4.dequantize_nf4(self.param.data, **self._nf4, backend=self.backend)
         import bitsandbytes.functional as bnb_functional
 
         return bnb_functional.dequantize_4bit(self.param.data, self.param.quant_state)
+
+
+def _nf4_arguments(param) -> dict | None:
+    """The keyword arguments of ``dequantize_nf4`` but ``packed`` for a bitsandbytes ``Params4bit`` (what
+    ``fastsft.ops.nf4.from_bnb`` reads, without importing bitsandbytes), or None when its state is not NF4 in a
+    form that op takes."""
+    state = param.quant_state
+    if getattr(state, "quant_type", None) != "nf4" or state.dtype not in nf4.OUT_DTYPES:
+        return None
+    if int(state.blocksize) not in nf4.BLOCKSIZES:
+        return None
+    nested = None
+    if state.nested:
+        s2, offset = state.state2, state.offset
+        nested = nf4.NestedAbsmax(s2.absmax, s2.code, int(s2.blocksize),
+                                  float(offset.item() if isinstance(offset, torch.Tensor) else offset))
+    code = state.code if isinstance(state.code, torch.Tensor) and state.code.numel() == 16 else None
+    if code is not None:
+        code = code.to(device=param.device, dtype=torch.float32)
+    return {"absmax": state.absmax, "shape": tuple(state.shape), "dtype": state.dtype,
+            "blocksize": int(state.blocksize), "code": code, "nested": nested}
 
 
 def _is_4bit(base) -> bool:
@@ -537,8 +572,8 @@ def _state_key(module) -> tuple:
     """What :func:`lora_eligibility` depends on that PEFT or a user can change between calls, read straight from
     the instance (PEFT's properties and ``nn.Module.__getattr__`` cost microseconds each, on every projection of
     every layer): adapters enabled, merged and active; the base layer and its weight object, that weight's
-    ``requires_grad``, whether it is quantized yet and whether bitsandbytes repacked it for its CPU kernel; the
-    active adapter's A, B and dropout modules and the dropout's rate."""
+    ``requires_grad``, its quantization state (none before it is quantized) and whether bitsandbytes repacked it
+    for its CPU kernel; the active adapter's A, B and dropout modules and the dropout's rate."""
     state = module.__dict__
     active = state.get("_active_adapter")
     active = (active,) if isinstance(active, str) else tuple(active or ())
@@ -553,7 +588,7 @@ def _state_key(module) -> tuple:
                             id(children["lora_B"]._modules.get(name)) if "lora_B" in children else None,
                             id(dropout), getattr(dropout, "p", None)))
     return (state.get("_disable_adapters"), tuple(state.get("merged_adapters", ())), active, id(base), id(weight),
-            getattr(weight, "requires_grad", None), quant_state is not None,
+            getattr(weight, "requires_grad", None), id(quant_state),
             bool(getattr(quant_state, "packing_format_for_cpu", False)), tuple(per_adapter))
 
 
@@ -561,8 +596,9 @@ _PLAN_ATTR = "_fastsft_lora_plan"
 
 
 def _plan(module):
-    """``(name, base, lora_A, lora_B)`` of an eligible layer, or None; cached on the module under the
-    :func:`_state_key` it was made for, and made again when that key changes."""
+    """``[name, base, lora_A, lora_B, 4-bit weight or None]`` of an eligible layer, or None; cached on the module
+    under the :func:`_state_key` it was made for, and made again when that key changes. A 4-bit base's
+    :class:`Bnb4bitWeight` is made here, once: it reads the quantization state with a host sync."""
     key = _state_key(module)
     cached = module.__dict__.get(_PLAN_ATTR)
     if cached is not None and cached[0] == key:
@@ -570,28 +606,42 @@ def _plan(module):
     plan = None
     if lora_eligibility(module) is None:
         name = [a for a in module.active_adapters if a in module.lora_A][0]
-        plan = (name, module.get_base_layer(), module.lora_A[name], module.lora_B[name])
+        base = module.get_base_layer()
+        plan = [name, base, module.lora_A[name], module.lora_B[name],
+                Bnb4bitWeight(base.weight) if _is_4bit(base) else None]
     module.__dict__[_PLAN_ATTR] = (key, plan)  # not a Module attribute: no state_dict entry, no __setattr__
     return plan
 
 
-def lora_parts(module, dtype: torch.dtype):
+def lora_parts(module, dtype: torch.dtype, backend="auto"):
     """``((W, A, B), scaling)`` of an eligible PEFT LoRA layer for inputs of ``dtype``, or None with the layer
     not eligible or its dense base weight of another dtype. ``W`` is the base weight tensor or a
-    :class:`Bnb4bitWeight`. ``A`` and ``B`` are the adapter's parameters themselves when they have ``dtype`` or are
-    float32 with a float16/bfloat16 ``dtype`` (the fused ops cast those inside and return float32 gradients);
-    otherwise a differentiable cast to ``dtype``."""
+    :class:`Bnb4bitWeight` dequantizing NF4 on ``backend`` (the LoRA call's). ``A`` and ``B`` are the adapter's
+    parameters themselves when they have ``dtype`` or are float32 with a float16/bfloat16 ``dtype`` (the fused ops
+    cast those inside and return float32 gradients); otherwise a differentiable cast to ``dtype``."""
     plan = _plan(module)
     if plan is None:
         return None
-    name, base, lora_a, lora_b = plan
-    weight = base._parameters["weight"]
-    if _is_4bit(base):
-        weight = Bnb4bitWeight(weight)
-    elif weight.dtype != dtype:
-        return None
+    name, base, lora_a, lora_b, quantized = plan
+    if quantized is not None:
+        nf4_backend = _nf4_backend(backend)
+        if quantized.backend is not nf4_backend:
+            quantized = plan[4] = quantized.with_backend(nf4_backend)
+        weight = quantized
+    else:
+        weight = base._parameters["weight"]
+        if weight.dtype != dtype:
+            return None
     a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
     return (weight, _adapter_for(a, dtype), _adapter_for(b, dtype)), float(module.scaling[name])
+
+
+def _nf4_backend(backend):
+    """The NF4 op's backend for a LoRA call's ``backend``: a name or a model's plan as it is; the LoRA op's own
+    resolved selection by what it was asked."""
+    if isinstance(backend, backends.Resolved) and backend.op != nf4.OP:
+        return backend.request
+    return backend
 
 
 def _adapter_for(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -608,7 +658,7 @@ def fused_lora_forward(module, x: torch.Tensor, *, backend: str = "auto",
     is read from ``module.scaling``. ``casts``: see :class:`StepCasts` (the patched model passes its own)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
-    parts = lora_parts(module, x.dtype)
+    parts = lora_parts(module, x.dtype, backend)
     if parts is None:
         return None
     (weight, a, b), scaling = parts
@@ -623,7 +673,7 @@ def fused_lora_group_forward(modules, x: torch.Tensor, *, backend: str = "auto",
     one by one."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         return None
-    parts = [lora_parts(m, x.dtype) for m in modules]
+    parts = [lora_parts(m, x.dtype, backend) for m in modules]
     if any(p is None for p in parts) or len({scaling for _, scaling in parts}) != 1:
         return None
     _check_input("lora", x, parts[0][1])

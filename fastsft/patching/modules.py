@@ -360,7 +360,8 @@ def _mlp_forward(self, x, *args, **kwargs):
         # under autocast PEFT's projections compute in the autocast dtype: so does lora_mlp, where it can
         dtype = autocast_dtype(x) or x.dtype
         projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
-        parts = [None if _is_4bit(p) and not state.fuse_4bit else lora_parts(p, dtype) for p in projections]
+        parts = [None if _is_4bit(p) and not state.fuse_4bit else lora_parts(p, dtype, state.backend)
+                 for p in projections]
         if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
             (g, scaling), (u, _), (d, _) = parts
             with torch.autocast(x.device.type, enabled=False):
