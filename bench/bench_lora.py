@@ -7,8 +7,8 @@ Llama-3.1-8B shapes in bf16 (hidden 4096, intermediate 14336, 32 query and 8 key
 LoRA r=16, alpha=32 on every projection, frozen base weights. Providers, all on the same weights:
 - ``no-adapter``: the block without adapters (frozen ``nn.Linear``s, transformers' math) — the floor;
 - ``peft``: PEFT's LoRA ``Linear`` layers (``peft.inject_adapter_in_model``), transformers' math;
-- ``fastsft-linear``: each PEFT layer through ``fastsft.ops.fused_lora_forward`` (one projection at a time), the
-  activation through ``fastsft.ops.swiglu``;
+- ``fastsft-linear``: each PEFT layer through ``fastsft.patching.lora.fused_lora_forward`` (one projection at a
+  time), the activation through ``fastsft.ops.swiglu``;
 - ``fastsft``: ``fastsft.ops.lora_mlp`` / ``lora_qkv`` + ``lora_linear`` (the O projection).
 Rows: median time with p20/p80, speed-up over PEFT, overhead over ``no-adapter``, the bytes the autograd graph
 keeps for backward (weights and adapters excluded) and the peak memory of one forward+backward above the inputs.
@@ -89,8 +89,8 @@ def _build(c: Config, device):
 
 def _providers(block: str, plain, lora, activation="swiglu"):
     """provider -> function(inputs) returning the block's outputs (a tuple)."""
-    from fastsft.ops import fused_lora_forward, lora_linear, lora_mlp, lora_qkv, swiglu
-    from fastsft.ops.lora import lora_parts
+    from fastsft.ops import lora_linear, lora_mlp, lora_qkv, swiglu
+    from fastsft.patching.lora import fused_lora_forward, lora_parts
 
     def fused(m, x):
         out = fused_lora_forward(m, x)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from fastsft import backends
-from fastsft.ops import fused_lora_forward, lora_eligibility, lora_linear, lora_mlp, lora_qkv
+from fastsft.ops import lora_linear, lora_mlp, lora_qkv
+from fastsft.patching.lora import fused_lora_forward, lora_eligibility
 from fastsft.reference import lora as ref
 from helpers import DEVICES, assert_close, assert_close_to_baseline, backend_params, opcheck_triton
 
@@ -106,6 +107,30 @@ def test_qkv_against_reference(device, backend, r):
     # each projection equals lora_linear alone
     for o, p in zip(outs, (q, k, v)):
         assert_close(o, lora_linear(x, *p, 2.0, backend=backend), rtol=1e-6, name="qkv vs linear")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_projections_of_one_input_against_reference(device, backend, n):
+    """``lora_projections``: any number of projections of one input (an MLP's gate and up: 2), as one op."""
+    from fastsft.ops import lora_projections
+
+    x = make_x((2, 5, 64), torch.float32, device)
+    projs = [make_proj(64, 40 + 8 * i, 4 + i, torch.float32, device) for i in range(n)]
+    leaves = (x, *[t for p in projs for t in p[1:]])
+    got = grads_of(lora_projections(x, projs, 0.7, backend=backend), leaves)
+    want = grads_of(tuple(ref.lora_linear(x, *p, 0.7) for p in projs), leaves)
+    compare(*got, *want, rtol=1e-5, what=f"{n} projections")
+
+
+def test_ops_do_not_import_patching():
+    """The import direction is patching -> ops -> kernels: importing the ops loads nothing of fastsft.patching."""
+    import subprocess
+    import sys
+
+    code = "import sys, fastsft.ops; print(sorted(m for m in sys.modules if m.startswith('fastsft.patching')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -677,7 +702,7 @@ def test_fused_lora_forward_matches_peft(device, backend, use_rslora):
 
 @pytest.mark.parametrize("device,backend", CASES)
 def test_qkv_and_mlp_match_peft(device, backend):
-    from fastsft.ops.lora import lora_parts
+    from fastsft.patching.lora import lora_parts
 
     model = tiny_peft_model().to(device)
     layer = model.base_model.model.model.layers[0]
@@ -728,7 +753,7 @@ def test_cached_plan_follows_every_state_change():
     fused path agrees with the uncached eligibility check, and when it runs it matches PEFT's forward."""
     from peft import LoraConfig
 
-    from fastsft.ops.lora import lora_parts
+    from fastsft.patching.lora import lora_parts
 
     model = tiny_peft_model()
     model.add_adapter("second", LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj"]))
@@ -788,7 +813,8 @@ def peft_nf4_linear(in_f, out_f, device, dtype=torch.bfloat16, *, r=16, alpha=32
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
-    from fastsft.ops.lora import Bnb4bitWeight, lora_parts
+    from fastsft.ops.lora import Bnb4bitWeight
+    from fastsft.patching.lora import lora_parts
 
     w = (torch.randn(out_f, in_f, dtype=torch.float64) / in_f**0.5).to(dtype)
     base = bnb.nn.Linear4bit(in_f, out_f, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
@@ -849,7 +875,7 @@ def test_nf4_lora_linear_matches_peft_gpu(in_f, out_f):
 def nf4_mlp_case(hidden, inter, tokens, device):
     """[out, dX, dA and dB of gate, up, down] of ``lora_mlp`` on three 4-bit projections, of Llama's MLP on PEFT's
     layers ``down(silu(gate(x)) * up(x))`` (the same-dtype baseline), and of the float64 reference."""
-    from fastsft.ops.lora import lora_parts
+    from fastsft.patching.lora import lora_parts
 
     mods = (peft_nf4_linear(hidden, inter, device), peft_nf4_linear(hidden, inter, device),
             peft_nf4_linear(inter, hidden, device))

@@ -1,5 +1,5 @@
-"""LoRA projections with a custom backward: one linear, the fused QKV and the gated MLP; and PEFT's layers routed
-through them.
+"""LoRA projections with a custom backward: one linear, N projections of one input (the fused QKV) and the gated MLP.
+PEFT's layers are routed through them by :mod:`fastsft.patching.lora`.
 
 A projection is ``x @ W.T + scaling * (x @ A.T) @ B.T`` with a frozen base weight ``W`` [out, in] (no gradient) and
 an adapter ``A`` [r, in], ``B`` [out, r]. The fast backend (``triton``) is one ``torch.autograd.Function`` per call
@@ -70,11 +70,24 @@ def lora_qkv(x: torch.Tensor, q: tuple, k: tuple, v: tuple, scaling: float, *, b
     Returns ``(q, k, v)``, each [..., out_i] in ``x``'s dtype. ``x`` is read once for the three adapters' down
     projections, and the backward pass accumulates the input gradient of the three in one buffer.
     """
-    _check_input("lora_qkv", x, scaling)
-    for name, p in zip("qkv", (q, k, v)):
-        _check_projection("lora_qkv", name, x, *_triple("lora_qkv", name, p))
-    return tuple(backends.dispatch(OP, backend, x.device, "projections", x, (tuple(q), tuple(k), tuple(v)),
-                                   float(scaling), None, casts))
+    return lora_projections(x, (q, k, v), scaling, backend=backend, casts=casts, fn="lora_qkv")
+
+
+def lora_projections(x: torch.Tensor, projections, scaling: float, *, backend: str = "auto",
+                     casts: StepCasts | None = None, fn: str = "lora_projections") -> tuple:
+    """Any number of LoRA projections of one input (an attention module's q, k, v; an MLP's gate and up), each
+    ``(W, A, B)`` as in :func:`lora_linear`, with one scaling, as one op: :func:`lora_qkv` for N projections.
+    Returns their outputs, a tuple in ``projections``' order."""
+    _check_input(fn, x, scaling)
+    projections = tuple(projections)
+    if not projections:
+        raise ValueError(f"{fn}: no projections")
+    names = "qkv" if len(projections) == 3 else [str(i) for i in range(len(projections))]
+    projections = tuple(_triple(fn, name, p) for name, p in zip(names, projections))
+    for name, p in zip(names, projections):
+        _check_projection(fn, name, x, *p)
+    return tuple(backends.dispatch(OP, backend, x.device, "projections", x, projections, float(scaling), None,
+                                   casts))
 
 
 def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, scaling: float, activation: str = "swiglu", *,
@@ -187,9 +200,7 @@ def _triton_backend(kind, x, projections, scaling, activation, casts):
         if x.dtype not in _KERNEL_DTYPES:
             raise backends.Unsupported(f"lora_mlp: the triton backend takes {_KERNEL_DTYPES}, got {x.dtype}; "
                             "use backend='reference' for float64")
-        from fastsft.triton_kernels import lora as kernels
-
-        return _LoraMlp.apply(x, scaling, MLP_ACTIVATIONS[activation], tuple(objs), kernels, casts, *tensors)
+        return _LoraMlp.apply(x, scaling, MLP_ACTIVATIONS[activation], tuple(objs), casts, *tensors)
     return _LoraProjections.apply(x, scaling, tuple(objs), casts, *tensors)
 
 
@@ -281,11 +292,18 @@ class _LoraProjections(torch.autograd.Function):
         return tuple(out)
 
 
+def _gated_kernels():
+    """The Triton module of the MLP's in-place activation (imported on first use: Triton is optional)."""
+    from fastsft.triton_kernels import lora as kernels
+
+    return kernels
+
+
 class _LoraMlp(torch.autograd.Function):
     """``down(act(gate(x)) * up(x))`` with adapters; saves x, x @ [A_g; A_u].T and h @ A_d.T only."""
 
     @staticmethod
-    def forward(ctx, x, scaling, activation, objs, kernels, casts, wg, *params):
+    def forward(ctx, x, scaling, activation, objs, casts, wg, *params):
         ag, bg, wu, au, bu, wd, ad, bd = params
         ag, bg, au, bu, ad, bd = (_compute_copy(t, x.dtype, casts) for t in (ag, bg, au, bu, ad, bd))
         rg = ag.shape[0]
@@ -294,7 +312,7 @@ class _LoraMlp(torch.autograd.Function):
         xa = x @ agu.T  # [T, rg + ru]
         g = _project(x, _dense(wg, objs[0], x, inter, x.shape[1]), xa[:, :rg], bg, scaling)
         u = _project(x, _dense(wu, objs[1], x, inter, x.shape[1]), xa[:, rg:], bu, scaling)
-        kernels.lora_gated_forward(g, u, activation)  # g <- act(g) * u, in place
+        _gated_kernels().lora_gated_forward(g, u, activation)  # g <- act(g) * u, in place
         del u
         h = g
         ha = h @ ad.T  # [T, rd]
@@ -302,7 +320,7 @@ class _LoraMlp(torch.autograd.Function):
         y.addmm_(ha, bd.T, alpha=scaling)
         ctx.save_for_backward(x, xa, ha, wg, *params)  # the adapters as given (their dtype: the gradients')
         ctx.half = (ag, bg, au, bu, ad, bd)  # as in _LoraProjections: kept, not saved
-        ctx.scaling, ctx.activation, ctx.objs, ctx.kernels = scaling, activation, objs, kernels
+        ctx.scaling, ctx.activation, ctx.objs = scaling, activation, objs
         return y
 
     @staticmethod
@@ -313,8 +331,8 @@ class _LoraMlp(torch.autograd.Function):
         ag, bg, au, bu, ad, bd = ctx.half
         s, objs = ctx.scaling, ctx.objs
         rg, inter = ag.shape[0], bg.shape[0]
-        # inputs: x 0, scaling 1, activation 2, objs 3, kernels 4, casts 5, wg 6, ag 7, bg 8, wu 9, au 10, bu 11,
-        # wd 12, ad 13, bd 14
+        # inputs: x 0, scaling 1, activation 2, objs 3, casts 4, wg 5, ag 6, bg 7, wu 8, au 9, bu 10, wd 11,
+        # ad 12, bd 13
         need = ctx.needs_input_grad
         dyb = _mm_scaled(dy, bd, s)  # [T, rd]
         # d h = dY @ W_d + (s dY @ B_d) @ A_d
@@ -324,10 +342,10 @@ class _LoraMlp(torch.autograd.Function):
         wg, wu = _dense(wg, objs[0], x, inter, x.shape[1]), _dense(wu, objs[1], x, inter, x.shape[1])
         g = _project(x, wg, xa[:, :rg], bg, s)  # recomputed, not saved
         u = _project(x, wu, xa[:, rg:], bu, s)
-        ctx.kernels.lora_gated_backward(dh, g, u, ctx.activation)  # g <- dg, u <- du, dh <- h
+        _gated_kernels().lora_gated_backward(dh, g, u, ctx.activation)  # g <- dg, u <- du, dh <- h
         h, dg, du = dh, g, u
-        dad = _mm(dyb.T, h, p_ad.dtype) if need[13] else None
-        dbd = _mm_scaled(dy.T, ha, s, p_bd.dtype) if need[14] else None
+        dad = _mm(dyb.T, h, p_ad.dtype) if need[12] else None
+        dbd = _mm_scaled(dy.T, ha, s, p_bd.dtype) if need[13] else None
         del h, dh
         dgub = torch.cat((_mm_scaled(dg, bg, s), _mm_scaled(du, bu, s)), dim=1)  # [T, rg + ru]
         dx = None
@@ -335,13 +353,13 @@ class _LoraMlp(torch.autograd.Function):
             dx = dg @ wg
             dx.addmm_(du, wu)
             dx.addmm_(dgub, torch.cat((ag, au)))
-        da = _mm(dgub.T, x, p_ag.dtype) if (need[7] or need[10]) else None
+        da = _mm(dgub.T, x, p_ag.dtype) if (need[6] or need[9]) else None
         xag, xau = xa[:, :rg], xa[:, rg:]
-        dbg = _mm_scaled(dg.T, xag, s, p_bg.dtype) if need[8] else None
-        dbu = _mm_scaled(du.T, xau, s, p_bu.dtype) if need[11] else None
-        dag = da[:rg] if need[7] else None
-        dau = _as_dtype(da[rg:], p_au) if need[10] else None
-        return dx, None, None, None, None, None, None, dag, dbg, None, dau, dbu, None, dad, dbd
+        dbg = _mm_scaled(dg.T, xag, s, p_bg.dtype) if need[7] else None
+        dbu = _mm_scaled(du.T, xau, s, p_bu.dtype) if need[10] else None
+        dag = da[:rg] if need[6] else None
+        dau = _as_dtype(da[rg:], p_au) if need[9] else None
+        return dx, None, None, None, None, None, dag, dbg, None, dau, dbu, None, dad, dbd
 
 
 def _mm_scaled(a, b, scaling, dtype=None):
@@ -468,7 +486,7 @@ def _project(x, w, xa, b, scaling):
     return out
 
 
-# --- PEFT integration -----------------------------------------------------------------------------------------
+# --- bitsandbytes 4-bit base weights ----------------------------------------------------------------------------
 
 class Bnb4bitWeight:
     """A bitsandbytes 4-bit (NF4/FP4) ``Params4bit`` seen as a base weight: ``dequantize()`` gives the dense
@@ -491,6 +509,13 @@ class Bnb4bitWeight:
         other = object.__new__(Bnb4bitWeight)
         other.param, other.backend, other._nf4 = self.param, backend, self._nf4
         return other
+
+    def for_lora(self, backend) -> Bnb4bitWeight:
+        """This weight dequantizing for a LoRA call on ``backend``: a name or a model's plan is the NF4 op's as it
+        is, a resolved selection of the LoRA op gives what it was asked. Itself when that is its backend already."""
+        if isinstance(backend, backends.Resolved) and backend.op != nf4.OP:
+            backend = backend.request
+        return self if backend is self.backend else self.with_backend(backend)
 
     def dequantize(self) -> torch.Tensor:
         if self._nf4 is not None:
@@ -519,168 +544,6 @@ def _nf4_arguments(param) -> dict | None:
         code = code.to(device=param.device, dtype=torch.float32)
     return {"absmax": state.absmax, "shape": tuple(state.shape), "dtype": state.dtype,
             "blocksize": int(state.blocksize), "code": code, "nested": nested}
-
-
-def _is_4bit(base) -> bool:
-    return type(base).__name__ == "Linear4bit" and getattr(base.weight, "quant_state", None) is not None
-
-
-def lora_eligibility(module) -> str | None:
-    """None when ``module`` (a PEFT LoRA ``Linear``, or its bitsandbytes ``Linear4bit``) can run through
-    :func:`lora_linear` exactly as PEFT computes it; otherwise the reason it cannot."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return "peft is not installed"
-    if not isinstance(module, LoraLayer) or type(module).__name__ not in ("Linear", "Linear4bit"):
-        return f"{type(module).__name__} is not a PEFT LoRA Linear layer"
-    if module.disable_adapters:
-        return "adapters are disabled"
-    if module.merged:
-        return "adapters are merged into the base weight"
-    active = [a for a in module.active_adapters if a in module.lora_A]
-    if len(active) != 1:
-        return f"{len(active)} active adapters (the fused path takes exactly one)"
-    name = active[0]
-    if name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False):
-        return f"adapter {name!r} is a LoRA variant (DoRA or other), not vanilla LoRA"
-    dropout = module.lora_dropout[name]
-    if not (isinstance(dropout, torch.nn.Identity) or (isinstance(dropout, torch.nn.Dropout) and dropout.p == 0)):
-        return f"adapter {name!r} has dropout {getattr(dropout, 'p', dropout)}"
-    if module.lora_B[name].bias is not None or getattr(module, "lora_bias", {}).get(name, False):
-        return f"adapter {name!r} has a bias on lora_B"
-    if getattr(module, "fan_in_fan_out", False):
-        return "the base weight is stored [in, out] (fan_in_fan_out)"
-    base = module.get_base_layer()
-    if getattr(base, "bias", None) is not None:
-        return "the base layer has a bias"
-    if _is_4bit(base) and getattr(base.weight.quant_state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks a 4-bit weight in place for its CPU inference kernel (on the first CPU forward in
-        # eval mode without grad, with AVX512-BF16); dequantize_4bit cannot read that layout
-        return "the 4-bit weight is repacked for bitsandbytes' CPU kernel"
-    if not _is_4bit(base):
-        if not isinstance(base, torch.nn.Linear):
-            return f"base layer {type(base).__name__} is not nn.Linear or a bitsandbytes Linear4bit"
-        if not base.weight.is_floating_point():
-            return f"base weight dtype {base.weight.dtype} is not floating (8-bit layers are not fused)"
-        if base.weight.requires_grad:
-            return "the base weight requires grad (not frozen)"
-    return None
-
-
-def _state_key(module) -> tuple:
-    """What :func:`lora_eligibility` depends on that PEFT or a user can change between calls, read straight from
-    the instance (PEFT's properties and ``nn.Module.__getattr__`` cost microseconds each, on every projection of
-    every layer): adapters enabled, merged and active; the base layer and its weight object, that weight's
-    ``requires_grad``, its quantization state (none before it is quantized) and whether bitsandbytes repacked it
-    for its CPU kernel; the active adapter's A, B and dropout modules and the dropout's rate."""
-    state = module.__dict__
-    active = state.get("_active_adapter")
-    active = (active,) if isinstance(active, str) else tuple(active or ())
-    children = state["_modules"]
-    base = children.get("base_layer")
-    weight = base._parameters.get("weight") if base is not None else None
-    quant_state = getattr(weight, "quant_state", None)
-    per_adapter = []
-    for name in active:
-        dropout = children["lora_dropout"]._modules.get(name) if "lora_dropout" in children else None
-        per_adapter.append((id(children["lora_A"]._modules.get(name)) if "lora_A" in children else None,
-                            id(children["lora_B"]._modules.get(name)) if "lora_B" in children else None,
-                            id(dropout), getattr(dropout, "p", None)))
-    return (state.get("_disable_adapters"), tuple(state.get("merged_adapters", ())), active, id(base), id(weight),
-            getattr(weight, "requires_grad", None), id(quant_state),
-            bool(getattr(quant_state, "packing_format_for_cpu", False)), tuple(per_adapter))
-
-
-_PLAN_ATTR = "_fastsft_lora_plan"
-
-
-def _plan(module):
-    """``[name, base, lora_A, lora_B, 4-bit weight or None]`` of an eligible layer, or None; cached on the module
-    under the :func:`_state_key` it was made for, and made again when that key changes. A 4-bit base's
-    :class:`Bnb4bitWeight` is made here, once: it reads the quantization state with a host sync."""
-    key = _state_key(module)
-    cached = module.__dict__.get(_PLAN_ATTR)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    plan = None
-    if lora_eligibility(module) is None:
-        name = [a for a in module.active_adapters if a in module.lora_A][0]
-        base = module.get_base_layer()
-        plan = [name, base, module.lora_A[name], module.lora_B[name],
-                Bnb4bitWeight(base.weight) if _is_4bit(base) else None]
-    module.__dict__[_PLAN_ATTR] = (key, plan)  # not a Module attribute: no state_dict entry, no __setattr__
-    return plan
-
-
-def lora_parts(module, dtype: torch.dtype, backend="auto"):
-    """``((W, A, B), scaling)`` of an eligible PEFT LoRA layer for inputs of ``dtype``, or None with the layer
-    not eligible or its dense base weight of another dtype. ``W`` is the base weight tensor or a
-    :class:`Bnb4bitWeight` dequantizing NF4 on ``backend`` (the LoRA call's). ``A`` and ``B`` are the adapter's
-    parameters themselves when they have ``dtype`` or are float32 with a float16/bfloat16 ``dtype`` (the fused ops
-    cast those inside and return float32 gradients); otherwise a differentiable cast to ``dtype``."""
-    plan = _plan(module)
-    if plan is None:
-        return None
-    name, base, lora_a, lora_b, quantized = plan
-    if quantized is not None:
-        nf4_backend = _nf4_backend(backend)
-        if quantized.backend is not nf4_backend:
-            quantized = plan[4] = quantized.with_backend(nf4_backend)
-        weight = quantized
-    else:
-        weight = base._parameters["weight"]
-        if weight.dtype != dtype:
-            return None
-    a, b = lora_a._parameters["weight"], lora_b._parameters["weight"]
-    return (weight, _adapter_for(a, dtype), _adapter_for(b, dtype)), float(module.scaling[name])
-
-
-def _nf4_backend(backend):
-    """The NF4 op's backend for a LoRA call's ``backend``: a name or a model's plan as it is; the LoRA op's own
-    resolved selection by what it was asked."""
-    if isinstance(backend, backends.Resolved) and backend.op != nf4.OP:
-        return backend.request
-    return backend
-
-
-def _adapter_for(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if t.dtype == dtype or (t.dtype == torch.float32 and dtype in _HALF):
-        return t
-    return t.to(dtype)
-
-
-def fused_lora_forward(module, x: torch.Tensor, *, backend: str = "auto",
-                       casts: StepCasts | None = None) -> torch.Tensor | None:
-    """PEFT LoRA ``module``'s forward of ``x`` through :func:`lora_linear`, or None when it is not eligible (see
-    :func:`lora_eligibility`; also when ``x`` is not floating or the base weight has another dtype) so that the
-    caller falls back to ``module(x)`` unchanged. Adapters' scaling (``alpha / r``, rsLoRA's ``alpha / sqrt(r)``)
-    is read from ``module.scaling``. ``casts``: see :class:`StepCasts` (the patched model passes its own)."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return None
-    parts = lora_parts(module, x.dtype, backend)
-    if parts is None:
-        return None
-    (weight, a, b), scaling = parts
-    return lora_linear(x, weight, a, b, scaling, backend=backend, casts=casts)
-
-
-def fused_lora_group_forward(modules, x: torch.Tensor, *, backend: str = "auto",
-                             casts: StepCasts | None = None) -> tuple | None:
-    """PEFT LoRA layers ``modules`` that take one input (an attention module's q, k and v; an MLP's gate and up)
-    applied to ``x`` as one op (``x`` read once for their adapters, one backward, dX accumulated in one buffer),
-    or None when one of them is not eligible or their scalings or base dtypes differ: the caller then runs them
-    one by one."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        return None
-    parts = [lora_parts(m, x.dtype, backend) for m in modules]
-    if any(p is None for p in parts) or len({scaling for _, scaling in parts}) != 1:
-        return None
-    _check_input("lora", x, parts[0][1])
-    for i, (p, _) in enumerate(parts):
-        _check_projection("lora", str(i), x, *p)
-    return tuple(backends.dispatch(OP, backend, x.device, "projections", x, tuple(p for p, _ in parts),
-                                   float(parts[0][1]), None, casts))
 
 
 def _no_double_backward():

@@ -226,7 +226,7 @@ def _lora_forward(self, x, *args, **kwargs):
 
 def _fused_lora(self, state: _LoraState, x, x_compute):
     """The fused output of ``self`` for ``x`` computed on ``x_compute``, or None when it is not eligible now."""
-    from fastsft.ops.lora import fused_lora_forward, fused_lora_group_forward
+    from fastsft.patching.lora import fused_lora_forward, fused_lora_group_forward
 
     group = state.group
     if group is not None:
@@ -248,7 +248,7 @@ def _fused_lora(self, state: _LoraState, x, x_compute):
 def patch_lora(causal_lm, backend: str, record: ModulePatches) -> str:
     """Route eligible PEFT LoRA ``Linear`` layers through ``fastsft.ops.lora_linear``; ``Linear4bit`` ones too unless
     ``FASTSFT_LORA_4BIT=0`` (see :func:`lora_4bit_enabled`)."""
-    from fastsft.ops import lora_eligibility
+    from fastsft.patching.lora import lora_eligibility
 
     casts = adapter_casts(causal_lm)
     groups = _sibling_groups(causal_lm)  # first layer -> the layers of its group: (q, k, v), (gate, up)
@@ -351,7 +351,7 @@ _MLP_ATTR = "_fastsft_mlp"
 
 def _mlp_forward(self, x, *args, **kwargs):
     from fastsft.ops import lora_mlp
-    from fastsft.ops.lora import lora_parts
+    from fastsft.patching.lora import lora_parts
 
     state: _MlpState | None = self.__dict__.get(_MLP_ATTR)
     if args or kwargs or state is None:
