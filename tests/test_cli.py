@@ -23,6 +23,27 @@ def test_check_prints_a_passing_table(capsys):
     assert all(row[3] in ("PASS", "SKIP") for row in rows) and any(row[3] == "PASS" for row in rows)
 
 
+def test_check_inputs_are_all_on_the_device_checked():
+    """Every tensor of a check case's inputs, nested ones included, on the device under test (the NF4 case left its
+    double-quantized absmax on the CPU, which failed ``fastsft check`` on a GPU)."""
+    from fastsft.commands import check
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from tensors(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from tensors(v)
+
+    for op, case in check.CHECK_CASES.items():
+        args, kwargs = case.make_inputs(torch.device("meta"), torch.float32)
+        found = list(tensors([args, kwargs]))
+        assert found and all(t.device.type == "meta" for t in found), op
+
+
 def test_check_catches_a_wrong_backend(monkeypatch):
     from fastsft.commands import check
 

@@ -155,6 +155,8 @@ def _nf4_inputs(device, dtype):
     from fastsft.reference.nf4 import quantize_nf4
 
     quantized = quantize_nf4(_randn(96, 200, seed=1), blocksize=64, nested=True)
+    nested = quantized["nested"]  # its tensors too: left on the CPU they failed the check on a GPU
+    quantized["nested"] = nested._replace(absmax=nested.absmax.to(device), code=nested.code.to(device))
     return [], {"quantized": {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in quantized.items()}}
 
 
