@@ -79,6 +79,7 @@ def register(op: str, backend: str, *, available: Callable[[torch.device], str |
         entry = _ops.setdefault(op, _Op(op))
         entry.impls[backend] = fn
         entry.checks[backend] = available or (lambda device: None)
+        _resolved_on_cuda.clear()
         return fn
 
     return deco
@@ -88,6 +89,7 @@ def register_launch(op: str, configure: Callable[[torch.device], Any]) -> None:
     """Give ``op`` a launch configuration: ``configure(device)``, called when the op is resolved for a device, and
     passed to every backend of the op as the keyword ``launch``."""
     _ops.setdefault(op, _Op(op)).launch = configure
+    _resolved_on_cuda.clear()
 
 
 def registered(op: str) -> tuple[str, ...]:
@@ -222,11 +224,27 @@ class Resolved:
                           f"({type(exc).__name__}: {exc}); falling back to {next_name}", RuntimeWarning, stacklevel=4)
 
 
+# Direct op calls on a CUDA device resolve the same request again and again (a kernel benchmark, a user's loop):
+# the answer, with its worked-out launch configuration, is kept until a backend breaks or is registered. The CPU
+# resolves every time: Triton's availability there follows TRITON_INTERPRET, which may change while running.
+_resolved_on_cuda: dict = {}
+
+
 def resolve(op: str, backend: str, device: torch.device) -> Resolved:
     """``op``'s backends for ``device``, as asked by ``backend`` (``"auto"`` or a name; the env vars apply)."""
     if op not in _ops:
         raise KeyError(f"unknown op {op!r}; registered: {sorted(_ops)}")
     choice = requested_backend(op, backend)
+    if device.type != "cuda":
+        return _resolve(op, choice, device)
+    key = (op, choice, device)
+    hit = _resolved_on_cuda.get(key)
+    if hit is None or hit[0] != len(_broken):
+        hit = _resolved_on_cuda[key] = (len(_broken), _resolve(op, choice, device))
+    return hit[1]
+
+
+def _resolve(op: str, choice: str, device: torch.device) -> Resolved:
     if choice == "auto":
         candidates = [b for b in auto_order(op, device) if unavailable_reason(op, b, device) is None]
         if not candidates:

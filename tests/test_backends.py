@@ -131,6 +131,28 @@ def test_a_resolved_op_runs_without_asking_again(monkeypatch):
     monkeypatch.delenv(f"FASTSFT_BACKEND_{OP.upper()}")
 
 
+def test_direct_calls_on_a_cuda_device_reuse_the_resolution_until_a_backend_breaks(monkeypatch):
+    """A direct op call resolves its backend= argument; on a CUDA device the answer (and the launch configuration
+    it worked out) is kept: the kernel suite measured 1.4x slower small attention calls re-resolving every call."""
+    monkeypatch.setattr(backends, "_ops", dict(backends._ops))
+    monkeypatch.setattr(backends, "_broken", {})
+    monkeypatch.setattr(backends, "_resolved_on_cuda", {})
+    monkeypatch.setattr(backends.card_table, "card_of", lambda device: None)
+    asked = []
+    backends.register(OP, "cuda", available=lambda device: asked.append(device) or None)(lambda x: x)
+    backends.register(OP, "reference")(lambda x: x)
+    cuda = torch.device("cuda", 0)
+    first = backends.resolve(OP, "auto", cuda)
+    assert backends.resolve(OP, "auto", cuda) is first and len(asked) == 1
+    monkeypatch.setenv(f"FASTSFT_BACKEND_{OP.upper()}", "reference")  # the request is read on every call
+    assert backends.resolve(OP, "auto", cuda).candidates == ["reference"]
+    monkeypatch.delenv(f"FASTSFT_BACKEND_{OP.upper()}")
+    backends._broken[(OP, "cuda", "cuda")] = "RuntimeError: boom"
+    assert backends.resolve(OP, "auto", cuda).candidates == ["reference"]
+    backends._broken.clear()
+    assert backends.resolve(OP, "auto", torch.device("cpu")) is not backends.resolve(OP, "auto", torch.device("cpu"))
+
+
 def test_a_resolved_op_called_on_another_device_type_resolves_for_it_once(monkeypatch):
     """A model patched on one device and moved to another: its plan's entries resolve the same request for the
     new device type on first use, then keep that."""
