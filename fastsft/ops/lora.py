@@ -1,5 +1,5 @@
-"""LoRA projections with a custom backward: one linear, N projections of one input (the fused QKV) and the gated MLP.
-PEFT's layers are routed through them by :mod:`fastsft.patching.lora`.
+"""LoRA projections with a custom backward: one linear, N of one input (the fused QKV) and the gated MLP. PEFT's
+layers are routed through them by :mod:`fastsft.patching.lora`.
 
 A projection is ``x @ W.T + scaling * (x @ A.T) @ B.T`` with a frozen base weight ``W`` [out, in] (no gradient) and
 an adapter ``A`` [r, in], ``B`` [out, r]. The fast backend (``triton``) is one ``torch.autograd.Function`` per call
@@ -11,9 +11,9 @@ the QKV concatenates the three ``A`` so ``x`` is read once for the down-projecti
 three heads in one buffer. The MLP saves ``x`` and the rank-r products only and recomputes the gate and up
 projections in backward; its activation (SwiGLU, GeGLU) runs in place in a Triton kernel
 (``triton_kernels/lora.py``), forward and backward, so no extra [tokens, intermediate] buffer is allocated.
-For ``lora_linear`` and ``lora_qkv`` the ``triton`` backend is cuBLAS GEMMs only (no Triton kernel pays there:
-``addmm_`` already fuses the scaling and the add); it shares the backend name because the three functions are one
-op, ``lora``, for backend choice (``FASTSFT_BACKEND_LORA``).
+For ``lora_linear``, ``lora_qkv`` and ``lora_projections`` the ``triton`` backend is cuBLAS GEMMs only (no Triton
+kernel pays there: ``addmm_`` already fuses the scaling and the add); it shares the backend name because the four
+functions are one op, ``lora``, for backend choice (``FASTSFT_BACKEND_LORA``).
 
 Base weights may be 4-bit: pass, instead of a tensor, an object whose ``dequantize()`` returns the dense weight
 (e.g. :class:`Bnb4bitWeight`). It is dequantized into a temporary in forward and again in backward, never kept.
