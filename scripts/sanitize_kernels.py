@@ -56,8 +56,9 @@ if ARGS is not None and ARGS.device == "cpu":
 import torch  # noqa: E402
 
 from fastsft import backends  # noqa: E402
-from fastsft.ops import (dequantize_nf4, flash_attention_varlen, fused_lora_forward, geglu,  # noqa: E402
-                         linear_cross_entropy, lora_linear, lora_mlp, lora_qkv, quantize_nf4, rms_norm, rope, swiglu)
+from fastsft.ops import (dequantize_nf4, flash_attention_varlen, geglu, linear_cross_entropy,  # noqa: E402
+                         lora_linear, lora_mlp, lora_qkv, quantize_nf4, rms_norm, rope, swiglu)
+from fastsft.patching.lora import fused_lora_forward, lora_eligibility  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # norm-wise relative error allowed against the float64 reference: loose, a sanity check beside memcheck
@@ -519,8 +520,6 @@ def lora_cases(runner, quick):
         x = rand((17, 59), dtype, device, grad=True, seed=1)
         out = fused_lora_forward(layer, x, backend=backend)
         if out is None:
-            from fastsft.ops import lora_eligibility
-
             raise AssertionError(f"fused_lora_forward declined the PEFT layer: {lora_eligibility(layer)}")
         outs, grads = forward_backward(lambda: out, (x, a, b))
         if runner.check:

@@ -2,8 +2,9 @@
 
 The layout and the exact float32 arithmetic are documented in :mod:`fastsft.reference.nf4`. Backends: ``cuda``
 (the compiled ``fastsft::dequantize_nf4``: a CUDA kernel with 16-byte loads, C++ on the CPU), ``triton``
-(``fastsft::dequantize_nf4_triton``) and ``reference``. Every backend writes into an output buffer, so the fused
-LoRA ops can dequantize each weight into one reused buffer (``out=``). Frozen weights: no autograd.
+(``fastsft::dequantize_nf4_triton``) and ``reference``. Every backend writes into an output buffer
+(``out=``), e.g. one reused across layers; the fused LoRA ops dequantize NF4 base weights through this op
+(``fastsft.ops.lora.Bnb4bitWeight``). Frozen weights: no autograd.
 
 ``quantize_nf4`` (plain PyTorch, for tests and tools) and :func:`from_bnb` both return the keyword arguments of
 :func:`dequantize_nf4`.
