@@ -84,8 +84,7 @@ class ModulePatches:
     casts_hook: int | None = None  # id of the pre-hook on the decoder stack
 
 
-_MODULE_STATE = ("_fastsft_eps", "_fastsft_lora", "_fastsft_mlp", "_fastsft_attention_patch",
-                 "_fastsft_attention_backend")
+_MODULE_STATE = ("_fastsft_eps", "_fastsft_lora", "_fastsft_mlp", "_fastsft_attention_patch")
 
 
 def undo_module_patches(causal_lm, record: ModulePatches) -> None:
