@@ -105,7 +105,7 @@ def test_eval_token_metrics_need_no_token_count(tmp_path):
     trainer._log_token_metrics("eval", {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, outputs)
     assert trainer._metrics["eval"]["entropy"] == [pytest.approx(1.0)]
     assert trainer._metrics["eval"]["mean_token_accuracy"] == [pytest.approx(2 / 3)]
-    assert trainer._pending_token_stats == []
+    assert trainer._token_metrics.pending == []
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "padding_free"])
@@ -135,7 +135,7 @@ def test_token_metrics_read_at_each_log_equal_trls(tmp_path, packing, monkeypatc
     monkeypatch.setattr(ours, "_log_token_metrics", counting_bookkeeping)
     ours.train()
     # one entry per micro-batch (7 steps x 2, or fewer where the packed data ends an epoch early), no read in any
-    assert len(reads) >= 12 and set(reads) == {"call"} and ours._pending_token_stats == []
+    assert len(reads) >= 12 and set(reads) == {"call"} and ours._token_metrics.pending == []
 
     def logged(trainer):
         return [{k: log[k] for k in ("entropy", "mean_token_accuracy", "num_tokens")}
@@ -297,11 +297,11 @@ def _children_calls(monkeypatch):
 
 
 def test_first_train_call_of_a_step_skips_the_walk_when_nothing_changes(monkeypatch):
-    from fastsft.trainer import _train_call_skipped_if_noop
+    from fastsft.trainer.host_time import train_call_skipped_if_noop
 
     model = demo_model(**SMALL_DEMO).train()
     calls = _children_calls(monkeypatch)
-    with _train_call_skipped_if_noop(model):
+    with train_call_skipped_if_noop(model):
         assert model.train() is model
         assert calls == [], "the walk ran although every module was training"
         model.eval()  # any later call is the real one
@@ -312,11 +312,11 @@ def test_first_train_call_of_a_step_skips_the_walk_when_nothing_changes(monkeypa
 
 
 def test_first_train_call_walks_when_a_module_is_not_training_or_has_its_own_train(monkeypatch):
-    from fastsft.trainer import _train_call_skipped_if_noop
+    from fastsft.trainer.host_time import train_call_skipped_if_noop
 
     model = demo_model(**SMALL_DEMO).train()
     model.model.layers[0].mlp.eval()
-    with _train_call_skipped_if_noop(model):
+    with train_call_skipped_if_noop(model):
         model.train()
     assert all(m.training for m in model.modules())
 
@@ -330,31 +330,31 @@ def test_first_train_call_walks_when_a_module_is_not_training_or_has_its_own_tra
     model.model.layers[0].extra = OwnTrain()
     model.train()
     seen.clear()
-    with _train_call_skipped_if_noop(model):
+    with train_call_skipped_if_noop(model):
         model.train()
     assert seen == [True], "a module with its own train() must see the call"
 
 
 def test_train_attribute_is_removed_when_the_step_raises():
-    from fastsft.trainer import _train_call_skipped_if_noop
+    from fastsft.trainer.host_time import train_call_skipped_if_noop
 
     model = demo_model(**SMALL_DEMO).train()
     with pytest.raises(RuntimeError, match="boom"):
-        with _train_call_skipped_if_noop(model):
+        with train_call_skipped_if_noop(model):
             raise RuntimeError("boom")
     assert "train" not in model.__dict__
 
 
 def test_training_steps_go_through_the_skip(tmp_path, monkeypatch):
-    import fastsft.trainer as trainer_module
+    import fastsft.trainer.host_time as host_time
 
     checked = []
-    real = trainer_module._all_in_training_mode
+    real = host_time._all_in_training_mode
 
     def spy(model):
         checked.append(real(model))
         return checked[-1]
 
-    monkeypatch.setattr(trainer_module, "_all_in_training_mode", spy)
+    monkeypatch.setattr(host_time, "_all_in_training_mode", spy)
     train(fastsft.SFTTrainer, tmp_path, steps=3)
     assert checked == [True, True, True]

@@ -123,10 +123,10 @@ def load_settings(config_path: str | None, overrides: dict) -> TrainSettings:
 def sft_arguments(settings: TrainSettings) -> dict:
     """The ``SFTConfig`` arguments of a run: fastsft's defaults, overridden by the ``sft:`` entries, then the
     settings that TrainSettings holds itself. Unknown names and names set twice are a :class:`UsageError`."""
-    from fastsft.trainer import SFTConfig, _map_config_kwargs
+    from fastsft.trainer.arguments import SFTConfig, map_config_kwargs
 
     try:
-        user = _map_config_kwargs(settings.sft, "sft")  # the older names, as fastsft.SFTConfig takes them
+        user = map_config_kwargs(settings.sft, "sft")  # the older names, as fastsft.SFTConfig takes them
     except TypeError as exc:
         raise UsageError(str(exc)) from None
     fields = {f.name for f in dataclasses.fields(SFTConfig) if f.init}
