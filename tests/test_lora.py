@@ -373,9 +373,11 @@ def test_patched_model_casts_adapters_once_per_step(monkeypatch):
 
 
 def test_patched_model_runs_sibling_layers_as_one_op(monkeypatch):
-    """A patched PEFT model runs each attention module's q, k and v LoRA layers as one op, and each MLP's gate and
-    up, with PEFT's outputs and gradients; a k_proj called on another input than q_proj's gets its own result;
-    a model calling the layers in another order stops fusing them; a k layer left to PEFT keeps q on its own."""
+    """A patched PEFT model runs each attention module's q, k and v LoRA layers as one op (in the patched
+    attention forward), and each MLP's gate and up (in the patched MLP forward), with PEFT's outputs and
+    gradients; the layers called on their own compute their own results and keep nothing; a layer made ineligible
+    after patching sends its module back to the layers one by one for that call; a k layer left to PEFT keeps q and
+    v on their own."""
     import fastsft
     from fastsft.ops import lora as lora_ops
 
@@ -393,7 +395,8 @@ def test_patched_model_runs_sibling_layers_as_one_op(monkeypatch):
                     backend="triton")
     fastsft.patch(model, **switches)
     report = fastsft.patching.refresh(model)
-    assert "one op for q/k/v in 1 attention modules and for gate/up in 1 MLPs" in report.patched["lora"], str(report)
+    assert "q/k/v as one op in 1 attention modules" in report.patched["lora"], str(report)
+    assert "gate/up LoRA as one op in 1" in report.patched["lora"], str(report)
     sizes = []
     real = lora_ops._LoraProjections.apply
     monkeypatch.setattr(lora_ops._LoraProjections, "apply",
@@ -403,29 +406,31 @@ def test_patched_model_runs_sibling_layers_as_one_op(monkeypatch):
     compare(*got, *want, rtol=1e-5, what="patched model vs PEFT")
 
     attn = model.base_model.model.model.layers[0].self_attn
-    x, y = make_x((2, 3, 96), torch.float32, "cpu"), make_x((2, 3, 96), torch.float32, "cpu")
-    attn.q_proj(x)  # leaves k's and v's outputs for x ...
+    mlp = model.base_model.model.model.layers[0].mlp
+    x = make_x((2, 3, 96), torch.float32, "cpu")
     fastsft.unpatch(model)
-    want_k = attn.k_proj(y)
+    want_k, want_u = attn.k_proj(x), mlp.up_proj(x)
     fastsft.patch(model, **switches)
     fastsft.patching.refresh(model)
-    attn.q_proj(x)
-    assert torch.equal(attn.k_proj(y), want_k)  # ... which a call on y does not get
-    assert "_fastsft_group_output" not in attn.k_proj.__dict__
+    sizes.clear()
+    assert torch.equal(attn.k_proj(x), want_k) and torch.equal(mlp.up_proj(x), want_u)  # on their own
+    assert sizes == [1, 1]
+    assert not any(k.startswith("_fastsft") and "lora" not in k and "forwards" not in k
+                   for m in (attn.k_proj, mlp.up_proj) for k in m.__dict__)  # nothing kept for a later call
 
-    mlp = model.base_model.model.model.layers[0].mlp
-    u = mlp.up_proj(x)  # up before gate: gate's call would leave an output that up never claims
-    mlp.gate_proj(x)
-    assert "_fastsft_group_output" in mlp.up_proj.__dict__
-    g = mlp.gate_proj(x)  # ... so the group stops fusing, and holds nothing
-    assert "_fastsft_group_output" not in mlp.up_proj.__dict__
-    assert torch.equal(mlp.up_proj(x), u) and torch.equal(mlp.gate_proj(x), g)
-    assert "_fastsft_group_output" not in mlp.up_proj.__dict__
+    attn.k_proj.merge()  # ineligible after patching: this call runs q, k, v one by one (k through PEFT)
+    sizes.clear()
+    got = model(input_ids=ids).logits
+    assert sizes.count(3) == 0 and sizes.count(1) >= 2, sizes
+    attn.k_proj.unmerge()
+    want_logits = got
 
-    model.base_model.model.model.layers[0].self_attn.k_proj.lora_dropout["default"] = torch.nn.Dropout(0.5)
+    attn.k_proj.lora_dropout["default"] = torch.nn.Dropout(0.5)
     report = fastsft.patching.refresh(model)
-    assert "q/k/v in 0 attention modules" in report.patched["lora"] and "dropout" in report.patched["lora"], \
-        str(report)
+    assert "q/k/v" not in report.patched["lora"] and "dropout" in report.patched["lora"], str(report)
+    attn.k_proj.lora_dropout["default"] = torch.nn.Dropout(0.0)
+    fastsft.patching.refresh(model)
+    assert_close(model(input_ids=ids).logits, want_logits, rtol=1e-5, name="logits after merge and unmerge")
 
 
 # --- 4-bit base weights: an object that dequantizes on demand -----------------------------------------------------

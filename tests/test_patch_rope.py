@@ -1,4 +1,5 @@
-"""fastsft.patch's RoPE: transformers' apply_rotary_pos_emb through fastsft.ops.rope, for patched models only.
+"""fastsft.patch's RoPE: the patched attention forward rotates q and k with fastsft.ops.rope, for patched models
+only; the modeling modules' apply_rotary_pos_emb is never replaced.
 
 Tiny float32 models on the CPU. Every parity test also counts the op's calls, so a patch that silently left the
 original in place fails.
@@ -6,10 +7,8 @@ original in place fails.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import gc
 import importlib
 
 import pytest
@@ -44,16 +43,9 @@ def logits_loss_grads(model, inputs):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-def true_original(module):
-    """The modeling module's own function, also when a patched model (of another test) has it replaced now."""
-    current = module.apply_rotary_pos_emb
-    entry = getattr(current, "_fastsft_rope", None)
-    return entry.original if entry is not None else current
-
-
 @pytest.fixture
 def op_calls(monkeypatch):
-    """Calls of fastsft.ops.rope made by the patched global (each a (q, k) pair)."""
+    """Calls of fastsft.ops.rope made by the patched attention forwards (each a (q, k) pair)."""
     calls = []
     op = rope_patch.rope
     monkeypatch.setattr(rope_patch, "rope", lambda q, k, *a, **kw: calls.append((q, k)) or op(q, k, *a, **kw))
@@ -63,10 +55,10 @@ def op_calls(monkeypatch):
 @pytest.fixture
 def counted(monkeypatch):
     """``counted(model_type)``: puts a counting wrapper of the family's own function in the module global (before
-    patching, so it is what the patch replaces and falls back to); returns (modeling module, calls list)."""
+    patching, so it is what the patch checks and falls back to); returns (modeling module, calls list)."""
     def install(model_type):
         module = importlib.import_module(MODELING[model_type])
-        original, calls = true_original(module), []
+        original, calls = module.apply_rotary_pos_emb, []
 
         @functools.wraps(original)
         def counting(*args, **kwargs):
@@ -86,17 +78,6 @@ def patched():
     yield models
     for model in models:
         fastsft.unpatch(model)
-
-
-@contextlib.contextmanager
-def flag(backend="auto"):
-    """What a patched attention forward does around the class forward."""
-    previous = getattr(rope_patch._local, "backend", None)
-    rope_patch._local.backend = backend
-    try:
-        yield
-    finally:
-        rope_patch._local.backend = previous
 
 
 # --- parity, and the op really runs --------------------------------------------------------------------------------
@@ -122,7 +103,7 @@ def test_patched_matches_unpatched_and_calls_the_op(model_type, op_calls, patche
 @pytest.mark.parametrize("backend", backend_params("rope", "cpu"))
 def test_every_backend_matches_with_gradient_checkpointing(backend, op_calls, patched):
     """Checkpointing recomputes each layer in backward: the recompute goes through the patched attention forward
-    again (on autograd's thread on a GPU), so it sets the flag and calls the op too."""
+    again (on autograd's thread on a GPU), so it calls the op too."""
     model, inputs = tiny_model("llama"), batch()
     reference = copy.deepcopy(model)
     for m in (model, reference):
@@ -171,60 +152,65 @@ def test_an_unpatched_model_keeps_the_original(counted, op_calls, patched):
     fastsft.patch(model, **ONLY_ROPE)
     patched.append(model)
     original_calls.clear()  # the patch's own check called it
-    assert module.apply_rotary_pos_emb is not before  # replaced for the process...
+    assert module.apply_rotary_pos_emb is before  # nothing of the process changes...
     torch.testing.assert_close(other(**inputs).logits, expected, rtol=0, atol=0)
-    assert len(original_calls) == LAYERS and not op_calls  # ...but only patched models use the op
+    assert len(original_calls) == LAYERS and not op_calls  # ...and only patched models use the op
     model(**inputs)
     assert len(original_calls) == LAYERS and len(op_calls) == LAYERS
-    assert getattr(rope_patch._local, "backend", None) is None  # the flag is down again after the forward
 
 
-@pytest.mark.parametrize("order", ["first_patched_first", "last_patched_first"])
-def test_unpatch_restores_the_global_in_either_order(order, counted, op_calls):
-    module, _ = counted("llama")
-    qwen3, _ = counted("qwen3")
-    before, before_qwen3 = module.apply_rotary_pos_emb, qwen3.apply_rotary_pos_emb
-    first, second, third = tiny_model("llama"), tiny_model("llama", seed=1), tiny_model("qwen3")
-    for model in (first, second, third):
+def test_unpatch_takes_the_forward_off(op_calls):
+    from fastsft.patching.attention_forward import STATE_ATTR
+
+    first, second = tiny_model("llama"), tiny_model("llama", seed=1)
+    for model in (first, second):
         fastsft.patch(model, **ONLY_ROPE)
-    replacement = module.apply_rotary_pos_emb
-    assert replacement is not before and replacement._fastsft_rope.users == 2
-    assert qwen3.apply_rotary_pos_emb is not before_qwen3
-    one, two = (first, second) if order == "first_patched_first" else (second, first)
-
-    assert fastsft.unpatch(one) is True
-    assert module.apply_rotary_pos_emb is replacement  # the other llama still uses it
-    assert "forward" not in one.model.layers[0].self_attn.__dict__
-    two(**batch())
+    assert fastsft.unpatch(first) is True
+    attention = first.model.layers[0].self_attn
+    assert "forward" not in attention.__dict__ and STATE_ATTR not in attention.__dict__
+    first(**batch())
+    assert not op_calls
+    second(**batch())
     assert len(op_calls) == LAYERS
-    one(**batch())
+    assert fastsft.unpatch(second) is True
+    second(**batch())
     assert len(op_calls) == LAYERS
 
-    assert fastsft.unpatch(two) is True
-    assert module.apply_rotary_pos_emb is before
-    assert qwen3.apply_rotary_pos_emb is not before_qwen3  # the qwen3 model is still patched
-    fastsft.unpatch(third)
-    assert qwen3.apply_rotary_pos_emb is before_qwen3
+
+def test_a_rotation_replaced_after_patching_is_what_runs(counted, op_calls, patched):
+    """The patch checked the modeling module's function; one put there since (another library's) is called as
+    the stock forward would call it, not bypassed."""
+    module, _ = counted("llama")
+    model, inputs = tiny_model("llama"), batch()
+    fastsft.patch(model, **ONLY_ROPE)
+    patched.append(model)
+    expected = model(**inputs).logits
+    assert len(op_calls) == LAYERS
+    theirs = []
+    original = module.apply_rotary_pos_emb
+    setattr(module, "apply_rotary_pos_emb", lambda *a, **kw: theirs.append(1) or original(*a, **kw))
+    try:
+        got = model(**inputs).logits
+    finally:
+        setattr(module, "apply_rotary_pos_emb", original)
+    assert len(theirs) == LAYERS and len(op_calls) == LAYERS
+    assert_close(got, expected, rtol=1e-5, name="logits")
 
 
-def test_repatch_refresh_and_garbage_collection_keep_the_count(counted, op_calls):
+def test_repatch_and_refresh_keep_one_forward(op_calls):
     from peft import LoraConfig, get_peft_model
 
-    module, _ = counted("llama")
-    before = module.apply_rotary_pos_emb
     model = tiny_model("llama")
     fastsft.patch(model)
-    fastsft.patch(model)  # re-patching unpatches first
-    assert module.apply_rotary_pos_emb._fastsft_rope.users == 1
+    fastsft.patch(model)  # re-patching unpatches first: one forward per module
+    attention = model.model.layers[0].self_attn
+    assert len(attention.__dict__["_fastsft_forwards"]) == 1
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     report = fastsft.patching.refresh(peft_model)
     assert "rope" in report.patched and "lora" in report.patched
-    assert module.apply_rotary_pos_emb._fastsft_rope.users == 1
+    assert len(attention.__dict__["_fastsft_forwards"]) == 1  # RoPE and q/k/v LoRA share one forward
     peft_model(**batch()).loss.backward()
     assert len(op_calls) == LAYERS
-    del model, peft_model, report
-    gc.collect()  # a patched model dropped without unpatch gives the global back too
-    assert module.apply_rotary_pos_emb is before
 
 
 # --- which families ----------------------------------------------------------------------------------------------
@@ -292,80 +278,52 @@ def qkcs(B=2, H=4, Hk=2, S=5, D=8, dtype=torch.float32, cos_batch=None):
 
 def call_cases():
     q, k, cos, sin = qkcs()
-    bshd = (q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # [B, S, H, D], rotated with unsqueeze_dim=2
     return {
-        "float64": (tuple(t.double() for t in (q, k, cos, sin)), {}),
-        "unsqueeze_dim=2": (bshd, {"unsqueeze_dim": 2}),
-        "unsqueeze_dim=2 positional": (bshd + (2,), {}),
-        "cos [S, D]": ((q, k, cos[0], sin[0]), {}),
-        "cos needs a gradient": ((q, k, cos.clone().requires_grad_(), sin), {}),
-        "odd head_dim": ((q[..., :7], k[..., :7], cos[..., :7], sin[..., :7]), {}),
-        "partial rotary": ((q, k, cos[..., :4], sin[..., :4]), {}),
-        "k head_dim differs": ((q, k[..., :6], cos, sin), {}),
-        "cos batch 3 for q batch 2": ((q, k) + qkcs(B=3)[2:], {}),
-        "3-D q": ((q[0], k[0], cos, sin), {}),
-        "unknown keyword": ((q, k, cos, sin), {"position_ids": None}),  # 5.17's function has no position_ids
+        "float64": tuple(t.double() for t in (q, k, cos, sin)),
+        "cos [S, D]": (q, k, cos[0], sin[0]),
+        "cos needs a gradient": (q, k, cos.clone().requires_grad_(), sin),
+        "odd head_dim": (q[..., :7], k[..., :7], cos[..., :7], sin[..., :7]),
+        "partial rotary": (q, k, cos[..., :4], sin[..., :4]),
+        "k head_dim differs": (q, k[..., :6], cos, sin),
+        "cos batch 3 for q batch 2": (q, k) + qkcs(B=3)[2:],
+        "3-D q": (q[0], k[0], cos, sin),
     }
 
 
 @pytest.mark.parametrize("case", list(call_cases()))
-def test_calls_it_does_not_take_go_to_the_original(case, counted, op_calls, patched):
+def test_calls_it_does_not_take_go_to_the_original(case, op_calls):
+    """``rotate`` declines (None: the patched forward calls the modeling module's function) what the op would not
+    compute as the original does."""
+    assert rope_patch.rotate(*call_cases()[case], "auto") is None and not op_calls
+
+
+def test_a_call_it_does_not_take_runs_the_original_in_the_model(counted, op_calls, patched, monkeypatch):
     module, original_calls = counted("llama")
-    model = tiny_model("llama")
+    model, inputs = tiny_model("llama"), batch()
+    expected = copy.deepcopy(model)(**inputs).logits
     fastsft.patch(model, **ONLY_ROPE)
     patched.append(model)
-    original = true_original(module)
-    args, kwargs = call_cases()[case]
-    try:
-        expected = original(*args, **kwargs)
-    except Exception as exc:
-        expected = exc
     original_calls.clear()
-    with flag():
-        if isinstance(expected, Exception):
-            with pytest.raises(type(expected)):
-                module.apply_rotary_pos_emb(*args, **kwargs)
-        else:
-            out = module.apply_rotary_pos_emb(*args, **kwargs)
-            for o, e in zip(out, expected):
-                torch.testing.assert_close(o, e, rtol=0, atol=0)
-    assert len(original_calls) == 1 and not op_calls
+    monkeypatch.setattr(rope_patch, "_takes", lambda *a: False)
+    torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+    assert len(original_calls) == LAYERS and not op_calls
 
 
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                     (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                     (torch.float16, torch.bfloat16)],
                          ids=lambda d: str(d).replace("torch.", ""))
-def test_calls_it_takes_give_the_originals_dtype_and_values(dtypes, counted, op_calls, patched):
+def test_calls_it_takes_give_the_originals_dtype_and_values(dtypes, op_calls):
     """q/k in one dtype, cos/sin in another (autocast): the original computes and returns the promoted dtype."""
-    module, original_calls = counted("llama")
-    model = tiny_model("llama")
-    fastsft.patch(model, **ONLY_ROPE)
-    patched.append(model)
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     qk_dtype, cs_dtype = dtypes
     q, k, cos, sin = qkcs(cos_batch=1)
     q, k, cos, sin = q.to(qk_dtype), k.to(qk_dtype), cos.to(cs_dtype), sin.to(cs_dtype)
-    expected = true_original(module)(q, k, cos, sin)
-    original_calls.clear()
-    with flag():
-        out = module.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-    assert len(op_calls) == 1 and not original_calls
+    expected = apply_rotary_pos_emb(q, k, cos, sin)
+    out = rope_patch.rotate(q, k, cos, sin, "auto")
+    assert len(op_calls) == 1
     for o, e in zip(out, expected):
         assert o.dtype == e.dtype
         # the op computes in float32; the original in bf16 rounds each product
         assert_close(o.float(), e.float(), rtol=1e-6 if e.dtype == torch.float32 else 1e-2)
-
-
-def test_the_flag_is_restored_when_the_forward_raises_and_when_nested(patched):
-    model = tiny_model("llama")
-    fastsft.patch(model, backend="reference", **ONLY_ROPE)
-    patched.append(model)
-    attention = model.model.layers[0].self_attn
-    with pytest.raises(Exception):
-        attention(torch.zeros(1, 3, 5), position_embeddings=None)  # wrong width
-    assert getattr(rope_patch._local, "backend", None) is None
-    with flag("outer"):
-        hidden = torch.randn(1, 3, 32)
-        cos, sin = model.model.rotary_emb(hidden, torch.arange(3)[None])
-        attention(hidden, position_embeddings=(cos, sin), attention_mask=None)
-        assert rope_patch._local.backend == "outer"

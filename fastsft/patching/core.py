@@ -3,9 +3,9 @@
 Only the instance is changed (an instance attribute ``forward`` and the ``_fastsft_patch`` state, a config copy of
 its own where the attention implementation changes), never the class, so other models of the same class (or of the
 same config object) are untouched and ``unpatch`` restores the exact previous behaviour. What to undo is kept on the
-model and its modules, so ``unpatch`` acts on the model it is given, a deep copy included. The one shared change,
-RoPE's replacement of a modeling module's ``apply_rotary_pos_emb``, acts for patched models only and is put back
-with the last of them (:mod:`fastsft.patching.rope`).
+model and its modules, so ``unpatch`` acts on the model it is given, a deep copy included. Nothing outside the
+model's own modules changes: RoPE and the fused q/k/v LoRA run in a patched attention forward on each attention
+module (:mod:`fastsft.patching.attention_forward`).
 ``train()``/``eval()``, gradient checkpointing (which wraps the decoder layers, not this forward) and
 ``save_pretrained`` (parameters only) do not see the patch.
 """

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from fastsft.patching.lora import fused_lora_forward, fused_lora_group_forward, lora_eligibility, lora_parts
+
 Undo = Callable[[], None]
 FORWARDS_ATTR = "_fastsft_forwards"  # on a patched module: [(slot, previous, installed), ...], oldest first
 _HOOK_SLOT = "_old_forward"  # where accelerate's hook (its instance forward) calls the module's forward
@@ -73,18 +75,16 @@ def restore_forwards(module: torch.nn.Module) -> bool:
 @dataclass
 class ModulePatches:
     """What the module patches of one model changed beyond the modules' forwards (kept on the model instance, so a
-    deep copy carries its own): the attention implementation and config swap, the RoPE globals in use, the
-    adapter-cast hook."""
+    deep copy carries its own): the attention implementation and config swap, the adapter-cast hook."""
 
     wanted: dict
-    backend: str
+    backend: Any
     patched: list = field(default_factory=list)
     attention: tuple | None = None  # (previous implementation, the shared config, the model's own copy)
-    rope: Any = None  # fastsft.patching.rope.RopeUse
     casts_hook: int | None = None  # id of the pre-hook on the decoder stack
 
 
-_MODULE_STATE = ("_fastsft_eps", "_fastsft_lora", "_fastsft_mlp", "_fastsft_group_output")
+_MODULE_STATE = ("_fastsft_eps", "_fastsft_lora", "_fastsft_mlp", "_fastsft_attention_patch")
 
 
 def undo_module_patches(causal_lm, record: ModulePatches) -> None:
@@ -97,8 +97,6 @@ def undo_module_patches(causal_lm, record: ModulePatches) -> None:
         hooks = causal_lm.base_model._forward_pre_hooks
         hooks.pop(record.casts_hook, None)
         adapter_casts(causal_lm).clear()
-    if record.rope is not None:
-        record.rope.release()
     if record.attention is not None:
         from fastsft.patching.attention import undo_attention
 
@@ -191,66 +189,60 @@ def lora_4bit_enabled() -> bool:
 
 @dataclass
 class _LoraState:
-    """On each fused LoRA layer: the backend, the model's adapter casts and, on a group's first layer, the group."""
+    """On each fused LoRA layer: the backend and the model's adapter casts."""
 
-    backend: str
+    backend: Any
     casts: Any
-    group: tuple | None = None
 
 
 _LORA_ATTR = "_fastsft_lora"
 
 
 def _lora_forward(self, x, *args, **kwargs):
-    if not args and not kwargs:
-        # a later layer of a group: computed with the group's first layer on this very input
-        stash = self.__dict__.pop(_GROUP_STASH, None)
-        if stash is not None and stash[0] is x:
-            return stash[1]
-        state: _LoraState | None = self.__dict__.get(_LORA_ATTR)
-        if state is None:
-            return type(self).forward(self, x)
-        # Under autocast PEFT's layers compute in the autocast dtype: so does the op, on the input cast to it, where
-        # the base weight has that dtype (otherwise PEFT's forward runs)
-        dtype = autocast_dtype(x) if isinstance(x, torch.Tensor) else None
-        if dtype is None:
-            out = _fused_lora(self, state, x, x)
-        else:
-            with torch.autocast(x.device.type, enabled=False):
-                out = _fused_lora(self, state, x, x.to(dtype))
+    state: _LoraState | None = self.__dict__.get(_LORA_ATTR)
+    if not args and not kwargs and state is not None and isinstance(x, torch.Tensor):
+        out = _in_layer_dtype(fused_lora_forward, self, x, state.backend, state.casts)
         if out is not None:
             return out
     return type(self).forward(self, x, *args, **kwargs)
 
 
-def _fused_lora(self, state: _LoraState, x, x_compute):
-    """The fused output of ``self`` for ``x`` computed on ``x_compute``, or None when it is not eligible now."""
-    from fastsft.patching.lora import fused_lora_forward, fused_lora_group_forward
-
-    group = state.group
-    if group is not None:
-        if any(_GROUP_STASH in m.__dict__ for m in group[1:]):
-            # an output left unclaimed since the last call: this model calls the group's layers in another order
-            # or on other inputs; stop fusing this group (and hold nothing more)
-            for m in group[1:]:
-                m.__dict__.pop(_GROUP_STASH, None)
-            state.group = None
-        else:
-            outs = fused_lora_group_forward(group, x_compute, backend=state.backend, casts=state.casts)
-            if outs is not None:
-                for module, out in zip(group[1:], outs[1:]):
-                    module.__dict__[_GROUP_STASH] = (x, out)
-                return outs[0]
-    return fused_lora_forward(self, x_compute, backend=state.backend, casts=state.casts)  # None: not eligible
+def _in_layer_dtype(fn, layers, x: torch.Tensor, backend, casts):
+    """``fn(layers, x)`` (a fused LoRA forward; None when not eligible now) in the dtype PEFT's layers compute in:
+    under autocast the autocast dtype, on the input cast to it, where the base weight has that dtype (otherwise
+    None, and PEFT's forward runs)."""
+    dtype = autocast_dtype(x)
+    if dtype is None:
+        return fn(layers, x, backend=backend, casts=casts)
+    with torch.autocast(x.device.type, enabled=False):
+        return fn(layers, x.to(dtype), backend=backend, casts=casts)
 
 
-def patch_lora(causal_lm, backend: str, record: ModulePatches) -> str:
+def fused_group(layers: tuple, x, backend, casts):
+    """The outputs of the fused PEFT LoRA ``layers`` that take one input (an attention module's q, k and v; an
+    MLP's gate and up) for ``x``, as one op in the dtype their own forwards compute in; or None when one of them is
+    not eligible now or has forward hooks (which calling it would run): the caller then calls the layers."""
+    if not isinstance(x, torch.Tensor) or _has_hooks(layers):
+        return None
+    return _in_layer_dtype(fused_lora_group_forward, layers, x, backend, casts)
+
+
+def _has_hooks(layers) -> bool:
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in layers)
+
+
+def patch_lora(causal_lm, backend, record: ModulePatches) -> str:
     """Route eligible PEFT LoRA ``Linear`` layers through ``fastsft.ops.lora_linear``; ``Linear4bit`` ones too unless
-    ``FASTSFT_LORA_4BIT=0`` (see :func:`lora_4bit_enabled`)."""
-    from fastsft.patching.lora import lora_eligibility
+    ``FASTSFT_LORA_4BIT=0`` (see :func:`lora_4bit_enabled`). An attention module whose q, k and v are all fused
+    computes them as one op (``lora_qkv``) in the patched attention forward
+    (:mod:`fastsft.patching.attention_forward`), where its structure is one fastsft recognises."""
+    from fastsft.patching import attention_forward
 
     casts = adapter_casts(causal_lm)
-    groups = _sibling_groups(causal_lm)  # first layer -> the layers of its group: (q, k, v), (gate, up)
     fuse_4bit = lora_4bit_enabled()
     eligible, eligible_4bit, reasons, fused = 0, 0, {}, []
     for module in causal_lm.modules():
@@ -265,45 +257,38 @@ def patch_lora(causal_lm, backend: str, record: ModulePatches) -> str:
         fused.append(module)
     if not eligible and not reasons:
         raise LookupError("no PEFT LoRA layers in the model")
-    fused_set = set(fused)
-    for first in [f for f, group in groups.items() if not all(m in fused_set for m in group)]:
-        del groups[first]  # all or none: a layer left to PEFT keeps the group's other layers on their own
     for module in fused:
-        module.__dict__[_LORA_ATTR] = _LoraState(backend, casts, groups.get(module))
+        module.__dict__[_LORA_ATTR] = _LoraState(backend, casts)
         _set_forward(module, _lora_forward)
+    fused_set = set(fused)
+    n_qkv, unrecognised = 0, {}
+    dtype = causal_lm.get_input_embeddings().weight.dtype  # the hidden states'
+    for attention in attention_forward.attention_modules(causal_lm):
+        layers = tuple(getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj"))
+        if not all(m in fused_set for m in layers):
+            continue  # all or none: a layer left to PEFT keeps the others on their own
+        state = attention_forward.prepare(attention, dtype)
+        if isinstance(state, str):
+            unrecognised[state] = unrecognised.get(state, 0) + 1
+            continue
+        state.qkv, state.lora_backend, state.casts = layers, backend, casts
+        attention_forward.install(attention, state)
+        n_qkv += 1
     # a new step begins with each forward of the decoder stack (checkpointing's recomputation runs layers only)
     record.casts_hook = causal_lm.base_model.register_forward_pre_hook(casts.new_step).id
-    n_qkv = sum(len(g) == 3 for g in groups.values())
     detail = f"{eligible} LoRA layers fused"
     if eligible_4bit:
         detail += f" ({eligible_4bit} on a 4-bit base)"
-    if groups:
-        detail += (f", one op for q/k/v in {n_qkv} attention modules and for gate/up in {len(groups) - n_qkv} "
-                   "MLPs")
+    if n_qkv or unrecognised:
+        detail += f", q/k/v as one op in {n_qkv} attention modules"
+    if unrecognised:
+        detail += " (one by one in " + ", ".join(f"{n}: {why}" for why, n in unrecognised.items()) + ")"
     if reasons:
         detail += "; left to PEFT: " + ", ".join(f"{n} ({why})" for why, n in reasons.items())
     return detail
 
 
 CASTS_ATTR = "_fastsft_adapter_casts"
-# On a group's later layers: (input, output) computed with the first layer's call on that input; popped by the
-# next call
-_GROUP_STASH = "_fastsft_group_output"
-_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def _sibling_groups(causal_lm) -> dict:
-    """``{first: (first, ...)}``: the PEFT LoRA layers that one module applies to one input, in the order it calls
-    them: an attention module's q, k, v (Llama, Mistral, Qwen, Gemma) and a gated MLP's gate, up. The first
-    layer's patched forward computes the group in one op and leaves the others' outputs for their calls, which
-    take them only for that same input tensor."""
-    groups = {}
-    for module in causal_lm.modules():
-        for names in _GROUPS:
-            layers = [getattr(module, name, None) for name in names]
-            if all(m is not None and _is_lora_linear(m) for m in layers):
-                groups[layers[0]] = tuple(layers)
-    return groups
 
 
 def adapter_casts(causal_lm):
@@ -330,7 +315,8 @@ def activation_of(config) -> str | None:
 
 @dataclass
 class _MlpState:
-    """On each patched MLP: how it computes, and the decoder layer whose checkpointing flag decides lora_mlp."""
+    """On each patched MLP: how it computes, the decoder layer whose checkpointing flag decides lora_mlp, and the
+    gate and up LoRA layers computed as one op otherwise."""
 
     activation: str
     fuse_lora: bool
@@ -340,6 +326,7 @@ class _MlpState:
     casts: Any
     layer: Any  # the MLP's decoder layer, or None
     model: Any  # the causal LM, asked when there is no such layer
+    group: tuple | None = None  # (gate_proj, up_proj): fused LoRA layers computed as one op where lora_mlp is not
 
     def checkpointed(self) -> bool:
         return bool(self.layer.gradient_checkpointing) if self.layer is not None else _checkpointing(self.model)
@@ -350,7 +337,6 @@ _MLP_ATTR = "_fastsft_mlp"
 
 def _mlp_forward(self, x, *args, **kwargs):
     from fastsft.ops import lora_mlp
-    from fastsft.patching.lora import lora_parts
 
     state: _MlpState | None = self.__dict__.get(_MLP_ATTR)
     if args or kwargs or state is None:
@@ -366,14 +352,16 @@ def _mlp_forward(self, x, *args, **kwargs):
             with torch.autocast(x.device.type, enabled=False):
                 return lora_mlp(x.to(dtype), g, u, d, scaling, state.activation, backend=state.backend,
                                 casts=state.casts)
-    if state.gated:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if gate.dtype != up.dtype:  # the module's own elementwise product promotes
-            return self.down_proj(self.act_fn(gate) * up)
-        with autocast_off(gate):  # elementwise: autocast would not cast it
-            hidden = _gated(state, gate, up)
-        return self.down_proj(hidden)
-    return type(self).forward(self, x)
+    if not state.gated and state.group is None:
+        return type(self).forward(self, x)
+    # the stock MLP's steps, down(act(gate(x)) * up(x)), with gate and up as one op and the activation fused
+    outs = fused_group(state.group, x, state.backend, state.casts) if state.group is not None else None
+    gate, up = outs if outs is not None else (self.gate_proj(x), self.up_proj(x))
+    if not state.gated or gate.dtype != up.dtype:  # the module's own elementwise product promotes
+        return self.down_proj(self.act_fn(gate) * up)
+    with autocast_off(gate):  # elementwise: autocast would not cast it
+        hidden = _gated(state, gate, up)
+    return self.down_proj(hidden)
 
 
 def _gated(state: _MlpState, gate, up):
@@ -404,12 +392,19 @@ def patch_mlps(causal_lm, activation: str, *, fuse_lora: bool, gated: bool, back
                 if getattr(layer, "mlp", None) in mlps and hasattr(layer, "gradient_checkpointing")}
     if not modules:
         raise LookupError("no gated MLP modules (gate_proj, up_proj, down_proj, act_fn) in the model")
+    n_groups = 0
     for module in modules:
+        group = (module.gate_proj, module.up_proj)
+        group = group if fuse_lora and all(_LORA_ATTR in m.__dict__ for m in group) else None  # both fused
+        n_groups += group is not None
         module.__dict__[_MLP_ATTR] = _MlpState(activation, fuse_lora, gated, fuse_4bit, backend, casts,
-                                               layer_of.get(module), causal_lm)
+                                               layer_of.get(module), causal_lm, group)
         _set_forward(module, _mlp_forward)
     kinds = [k for k, on in (("LoRA-fused without checkpointing", fuse_lora), (f"{activation} kernel", gated)) if on]
-    return f"{len(modules)} MLPs ({' or '.join(kinds)})"
+    detail = f"{len(modules)} MLPs ({' or '.join(kinds)})"
+    if n_groups:
+        detail += f", gate/up LoRA as one op in {n_groups} where lora_mlp does not run"
+    return detail
 
 
 def _checkpointing(model) -> bool:
