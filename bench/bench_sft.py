@@ -1,7 +1,8 @@
-"""End-to-end SFT: stock TRL, TRL with Liger, and fastsft, each in its own process on the same GPU.
+"""End-to-end SFT: stock TRL, TRL with Liger, fastsft and Unsloth, each in its own process on the same GPU.
 
     python -m bench.bench_sft --model llama-1b --providers trl,trl-liger,fastsft --packing --out bench/results
     python -m bench.bench_sft --model llama-8b --packing --seq-len 8192 --batch 1 --qlora
+    python -m bench.bench_sft --model llama-8b --packing --unsloth-site /tmp/usite    # Unsloth from its own site
 
 The setup: random-init weights in the shape of a real model, bf16, LoRA r=16,
 alpha 16, dropout 0 on q,k,v,o,gate,up,down, AdamW, SDPA attention, non-reentrant gradient checkpointing;
@@ -11,6 +12,16 @@ warm-up steps, with the GPU synchronized at each step's end. Peak memory is the 
 The first steps' losses are recorded: the providers must agree on them. ``--qlora`` saves the random model once
 and has every provider load it in 4 bits (bitsandbytes NF4, double quantization, bf16 compute: the config of
 ``fastsft.load(..., load_in_4bit=True)``).
+
+``unsloth`` is Unsloth set up as its documentation has a new user do it: ``FastLanguageModel.from_pretrained`` of
+the saved random model (bf16; in 4 bits with ``--qlora``, Unsloth's NF4 config being the one above),
+``FastLanguageModel.get_peft_model`` with the same LoRA, ``use_gradient_checkpointing="unsloth"`` (its offloaded
+checkpointing; False with ``--no-checkpointing``) and ``random_state=0`` (the seed TRL sets before PEFT draws the
+others' adapters: the same initial adapters), then TRL's ``SFTTrainer`` with the same SFTConfig, rows, tokenizer and
+step clock. Unsloth pins an older trl and datasets, so it runs from a site directory of its own (``--unsloth-site``
+or ``FASTSFT_UNSLOTH_SITE``), put first on its process's PYTHONPATH, from which every other entry holding a ``trl``
+package is removed; its row records that process's versions. Without a site and with no importable ``unsloth`` its
+row says it was skipped, and why.
 
 Utilization (:func:`flop_per_token`), against the card's bf16 matmul rate measured in the same run (8192^3,
 before the providers start):
@@ -44,7 +55,10 @@ MODELS = {
     "llama-1b": (2048, 8192, 16, 32, 8, 128_256, True),
     "llama-8b": (4096, 14336, 32, 32, 8, 128_256, False),
 }
-PROVIDERS = ("trl", "trl-liger", "fastsft")
+# Unsloth last: when a run is stopped at a time cap, the rows written before (after every provider) are kept.
+PROVIDERS = ("trl", "trl-liger", "fastsft", "unsloth")
+UNSLOTH_SITE_ENV = "FASTSFT_UNSLOTH_SITE"
+UNSLOTH_VERSIONS = ("unsloth", "unsloth-zoo", "trl", "transformers", "peft", "datasets", "bitsandbytes")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -134,9 +148,29 @@ class _StepClock:
         return Clock()
 
 
+def unsloth_model(a: argparse.Namespace, device: str):
+    """Unsloth's model: the random model saved at ``a.checkpoint`` loaded by ``FastLanguageModel`` (4 bits with
+    ``a.qlora``), with its LoRA adapters on (see the module docstring)."""
+    import torch
+    from unsloth import FastLanguageModel
+
+    if a.checkpoint is None:
+        raise ValueError("the unsloth provider loads the random model from a saved checkpoint (--checkpoint)")
+    # the tokenizer it loads from the checkpoint is make_tokenizer's; the trainer gets the very one the others get
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(a.checkpoint), max_seq_length=a.max_length,
+        dtype=torch.bfloat16 if device == "cuda" else torch.float32, load_in_4bit=a.qlora)
+    rank = getattr(a, "rank", 16)
+    return FastLanguageModel.get_peft_model(
+        model, r=rank, lora_alpha=rank, lora_dropout=0, target_modules=LORA_TARGETS, bias="none",
+        use_gradient_checkpointing="unsloth" if a.checkpointing else False, random_state=0)
+
+
 def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callbacks: list, rows: list | None = None):
     """The provider's trainer on a random-init model of ``a.model`` and synthetic rows (see the module docstring),
     or ``rows`` when given; LoRA rank ``a.rank`` (alpha equal to it) when the namespace has one, else 16."""
+    if provider == "unsloth":
+        import unsloth  # noqa: F401  (first: it patches transformers, peft and trl when imported)
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -146,7 +180,13 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
         from fastsft import SFTConfig, SFTTrainer
     else:
         from trl import SFTConfig, SFTTrainer
-    model = make_model(a.model, device, a.checkpoint)
+    rank = getattr(a, "rank", 16)
+    if provider == "unsloth":
+        model, lora = unsloth_model(a, device), None  # its adapters are on already
+    else:
+        model = make_model(a.model, device, a.checkpoint)
+        lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                          task_type="CAUSAL_LM")
     steps = a.warmup + a.steps
     if rows is None:
         rows = make_rows(steps * a.batch * rows_per_sequence(a) + 8, model.config.vocab_size, a.max_length)
@@ -155,12 +195,11 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=a.batch, learning_rate=1e-4,
         logging_steps=1, report_to="none", save_strategy="no", bf16=device == "cuda", use_cpu=device == "cpu",
         gradient_checkpointing=a.checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if a.checkpointing else None,
+        # Unsloth's checkpointing is its own (get_peft_model's use_gradient_checkpointing)
+        gradient_checkpointing_kwargs={"use_reentrant": False} if a.checkpointing and provider != "unsloth" else None,
         packing=a.packing, max_length=a.max_length, include_num_input_tokens_seen="non_padding",
         use_liger_kernel=provider == "trl-liger", dataloader_num_workers=0, seed=0, data_seed=0,
         optim=getattr(a, "optim", DEFAULT_OPTIM))
-    rank = getattr(a, "rank", 16)
-    lora = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=data,
                          processing_class=make_tokenizer(model.config.vocab_size), peft_config=lora,
                          callbacks=callbacks)
@@ -173,6 +212,8 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
 
 def run_one(provider: str, a: argparse.Namespace) -> dict:
     """One provider's run in this process."""
+    if provider == "unsloth":
+        import unsloth  # noqa: F401  (before the step clock imports transformers)
     import torch
 
     clock = _StepClock()
@@ -189,6 +230,8 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
               "tokens_per_s": (n1 - n0) / (t1 - t0), "first_losses": losses[:5], **step_times(timed)}
     if torch.cuda.is_available():
         result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    if provider == "unsloth":  # its own site's versions, not the run's (the environment of the result file)
+        result["versions"] = package_versions(UNSLOTH_VERSIONS)
     if provider == "fastsft":
         from fastsft import backends
 
@@ -236,16 +279,45 @@ def _in_child(code: str) -> str:
 
 
 def save_random_checkpoint(name: str, path: Path, max_positions: int | None = None) -> None:
-    """The random-init bf16 model written once, for every provider to load in 4 bits; ``max_positions`` raises
-    the config's ``max_position_embeddings`` (plain RoPE has no other length limit)."""
+    """The random-init model (bf16 on a GPU) and its tokenizer written once, for every provider to load in 4 bits
+    and for Unsloth to load; ``max_positions`` raises the config's ``max_position_embeddings`` (plain RoPE has no
+    other length limit)."""
     import torch
 
-    model = make_model(name, "cuda")
+    model = make_model(name, "cuda" if torch.cuda.is_available() else "cpu")
     if max_positions is not None:
         model.config.max_position_embeddings = max_positions
     model.save_pretrained(path)
+    make_tokenizer(model.config.vocab_size).save_pretrained(path)
     del model
     torch.cuda.empty_cache()
+
+
+def package_versions(names) -> dict:
+    import importlib.metadata
+
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def unsloth_env(site: Path, environ) -> dict:
+    """The environment of Unsloth's process: ``site`` first on PYTHONPATH, and no other entry that holds a ``trl``
+    package (the newer trl of the other providers: Unsloth pins an older one, which its site holds)."""
+    site = site.resolve()
+    rest = [entry for entry in environ.get("PYTHONPATH", "").split(os.pathsep)
+            if entry and Path(entry).resolve() != site and not (Path(entry) / "trl").is_dir()]
+    return {**environ, "PYTHONPATH": os.pathsep.join([str(site), *rest])}
+
+
+def unsloth_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("unsloth") is not None
 
 
 def utilization(row: dict, flop: dict, tflops: float | None) -> dict:
@@ -285,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--unsloth-site", type=Path, default=os.environ.get(UNSLOTH_SITE_ENV) or None, metavar="DIR",
+                        help=f"the site directory Unsloth and its pinned trl are installed in (default: "
+                             f"${UNSLOTH_SITE_ENV}); without one, the unsloth provider runs where `import unsloth` "
+                             f"works, and is skipped elsewhere")
     add_optim_argument(parser)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default=None,
@@ -309,8 +385,9 @@ def main(argv=None) -> int:
         parser.error("--seq-len: the models have 8192 positions")
     if a.compare is not None and not a.compare.is_file():  # before the run, not after it
         parser.error(f"--compare: no file {a.compare}")
-
-    from bench import harness
+    providers = a.providers.split(",")
+    if "unsloth" in providers and a.unsloth_site is not None and not (a.unsloth_site / "unsloth").is_dir():
+        parser.error(f"--unsloth-site: no unsloth package in {a.unsloth_site}")
 
     tflops = matmul_tflops()
     if tflops:
@@ -318,23 +395,46 @@ def main(argv=None) -> int:
     lengths = [len(r["input_ids"]) for r in make_rows((a.warmup + a.steps) * a.batch * rows_per_sequence(a) + 8,
                                                       MODELS[a.model][5], a.max_length)]
     flop = flop_per_token(a.model, lengths, checkpointing=a.checkpointing)
-    with tempfile.TemporaryDirectory() as tmp:
-        extra_args = []
-        if a.qlora:
-            if tflops is None:
-                parser.error("--qlora needs a CUDA GPU (bitsandbytes 4-bit)")
-            _in_child(f"from bench.bench_sft import save_random_checkpoint; save_random_checkpoint({a.model!r}, "
-                      f"{tmp!r})")
-            extra_args = ["--checkpoint", tmp]
-        rows = [run_child(provider, argv, extra_args) for provider in a.providers.split(",")]
-    for row in rows:
-        row.update(utilization(row, flop, tflops))
+    if a.qlora and tflops is None:
+        parser.error("--qlora needs a CUDA GPU (bitsandbytes 4-bit)")
+    skip_unsloth = "unsloth" in providers and a.unsloth_site is None and not unsloth_importable()
     name = a.name or (f"sft_{a.model}{'_packing' if a.packing else ''}{'_qlora' if a.qlora else ''}"
                       f"{'' if a.max_length == 2048 else f'_{a.max_length}'}{optim_suffix(a)}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.qlora or ("unsloth" in providers and not skip_unsloth):  # Unsloth loads the model from a checkpoint
+            _in_child(f"from bench.bench_sft import save_random_checkpoint; save_random_checkpoint({a.model!r}, "
+                      f"{tmp!r})")
+        for provider in providers:
+            extra_args = ["--checkpoint", tmp] if a.qlora or provider == "unsloth" else []
+            if provider != "unsloth":
+                row = run_child(provider, argv, extra_args)
+            elif skip_unsloth:
+                row = {"provider": provider, "skipped": f"unsloth is not importable and no --unsloth-site (or "
+                                                        f"${UNSLOTH_SITE_ENV}) was given: bench/README.md says how "
+                                                        f"to install it in a site of its own"}
+                print(row, flush=True)
+            else:
+                env = os.environ.copy() if a.unsloth_site is None else unsloth_env(a.unsloth_site, os.environ)
+                row = run_child(provider, argv, extra_args, env)
+            rows.append({**row, **utilization(row, flop, tflops)})
+            # after every provider: a run stopped at a time cap keeps the rows it finished
+            write_results(rows, a, name, flop, tflops)
+    if a.compare is not None:
+        from bench import report
+
+        return 1 if report.print_regressions(a.compare, a.out / f"{name}.json", a.threshold) else 0
+    return 0
+
+
+def write_results(rows: list[dict], a: argparse.Namespace, name: str, flop: dict, tflops: float | None) -> None:
+    from bench import harness
+
+    skipped = ["skipped"] if any("skipped" in row for row in rows) else []
     harness.write(rows, a.out, name,
                   ["provider", "model", "packing", "qlora", "batch", "max_length", "tokens_per_s",
                    "median_step_tokens_per_s", "step_ms_median", "step_ms_max", "mfu", "hfu", "peak_GiB",
-                   "first_losses", "wall_s", "error"],
+                   "first_losses", "wall_s", "error", *skipped],
                   f"SFT end to end: {a.model}{', QLoRA' if a.qlora else ''}, "
                   f"{'packing' if a.packing else 'no packing'}, batch {a.batch}, max_length {a.max_length}, LoRA r=16, "
                   f"checkpointing {a.checkpointing}, {a.optim}",
@@ -343,20 +443,16 @@ def main(argv=None) -> int:
                          "attention_pairs_per_token": flop["attention_pairs_per_token"],
                          "flop_convention": "mfu: model FLOPs (frozen base: fwd + input grads, LoRA fwd + grads, "
                                             "attention in-example pairs); hfu: plus checkpointing's recomputation"})
-    if a.compare is not None:
-        from bench import report
-
-        return 1 if report.print_regressions(a.compare, a.out / f"{name}.json", a.threshold) else 0
-    return 0
 
 
-def run_child(provider: str, argv, extra_args: list[str]) -> dict:
-    """One provider in its own process (a fresh CUDA context and allocator, no state from the others)."""
+def run_child(provider: str, argv, extra_args: list[str], env: dict | None = None) -> dict:
+    """One provider in its own process (a fresh CUDA context and allocator, no state from the others), with this
+    process's environment or ``env``."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "bench.bench_sft", *(argv if argv is not None else sys.argv[1:]), *extra_args,
                "--single", provider, "--result-json", f.name]
         start = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env if env is not None else os.environ.copy())
         if proc.returncode == 0:
             row = json.loads(Path(f.name).read_text())
         else:

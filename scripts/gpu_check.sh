@@ -17,6 +17,10 @@
 # Fits one 10-minute call on an H100/H200 (build ~1-2 min with 16 cores). Bring the wheels that the GPU image
 # lacks in .whl/ (../shared/tools/gpu-wheels.sh fetches them). Every stage runs even if an earlier one failed;
 # the exit status is that of the first failure, and SUMMARY.txt lists each stage's status and duration.
+# Unsloth: bring its wheels in .uwhl/ too (../shared/tools/unsloth-wheels.sh; in a call of their own if they do not fit
+# beside .whl, a warm machine keeping what an earlier call brought). They go into a site of their own, /tmp/usite
+# (Unsloth pins an older trl), named by FASTSFT_UNSLOTH_SITE, and the end-to-end stages (bench-sft-1b, bench-sft-8b,
+# bench-suite) then run Unsloth beside the other providers; without .uwhl its rows say it was skipped.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUTDIR [STAGE ...]}
 shift
@@ -43,6 +47,10 @@ stage() {  # stage NAME COMMAND...: run, log to OUTDIR/NAME.log, record status a
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 scripts/install_wheels.py .whl /tmp/site \
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if compgen -G ".uwhl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/usite .uwhl/*.whl \
+    && export FASTSFT_UNSLOTH_SITE=/tmp/usite
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv > "$out/gpu.txt" 2>&1
 

@@ -1,7 +1,10 @@
-"""bench.bench_sft: the FLOP count behind MFU/HFU, and a tiny CPU run of the whole command."""
+"""bench.bench_sft: the FLOP count behind MFU/HFU, a tiny CPU run of the whole command, and the unsloth provider
+(on a stand-in for Unsloth: ``fake_unsloth``)."""
 
 import json
+import os
 
+import fake_unsloth
 import pytest
 
 from bench import bench_sft
@@ -70,7 +73,7 @@ def test_e2e_is_the_sft_bench_under_its_short_name():
     out = subprocess.run([sys.executable, "-m", "bench.e2e", "--help"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
-    assert "--model" in out.stdout and "stock TRL, TRL with Liger, and fastsft" in out.stdout
+    assert "--model" in out.stdout and "stock TRL, TRL with Liger, fastsft and Unsloth" in out.stdout
 
 
 def test_compare_with_a_missing_file_is_rejected_before_the_run(tmp_path, capsys):
@@ -78,3 +81,85 @@ def test_compare_with_a_missing_file_is_rejected_before_the_run(tmp_path, capsys
         bench_sft.main(["--model", "tiny", "--providers", "fastsft", "--out", str(tmp_path),
                         "--compare", str(tmp_path / "missing.json")])
     assert "--compare" in capsys.readouterr().err and not list(tmp_path.glob("*.json"))
+
+
+TINY = ["--model", "tiny", "--warmup", "1", "--steps", "3", "--batch", "2", "--seq-len", "512", "--packing"]
+
+
+@pytest.mark.slow
+def test_unsloth_from_its_own_site_trains_like_trl(tmp_path, monkeypatch):
+    """The unsloth provider's whole path (a child process, the saved random model, FastLanguageModel's two calls,
+    TRL's trainer) on a stand-in Unsloth: same weights, same initial adapters, same data give the same losses."""
+    monkeypatch.delenv(bench_sft.UNSLOTH_SITE_ENV, raising=False)
+    site = fake_unsloth.write_site(tmp_path / "usite")
+    bench_sft.main([*TINY, "--providers", "trl,unsloth", "--unsloth-site", str(site), "--out", str(tmp_path)])
+    trl_row, unsloth_row = json.loads((tmp_path / "sft_tiny_packing_512.json").read_text())["rows"]
+    assert "error" not in unsloth_row, unsloth_row
+    assert unsloth_row["provider"] == "unsloth" and unsloth_row["tokens_per_s"] > 0
+    assert len(unsloth_row["step_ms"]) == 3 and unsloth_row["gflop_per_token"] == trl_row["gflop_per_token"]
+    assert len(unsloth_row["first_losses"]) == 4
+    # equal to float32 rounding on the CPU; with another adapter seed (random_state=1) the second loss moves by
+    # about 1.5e-6 of itself, the first not at all (LoRA's B starts at zero)
+    assert unsloth_row["first_losses"] == pytest.approx(trl_row["first_losses"], rel=1e-7, abs=0)
+    # the versions of the child's site, beside the run's own (the file's environment)
+    assert unsloth_row["versions"]["unsloth"] == fake_unsloth.VERSION and unsloth_row["versions"]["trl"]
+    assert "versions" not in trl_row
+
+
+def test_unsloth_without_a_site_or_a_package_is_skipped_with_the_reason(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(bench_sft.UNSLOTH_SITE_ENV, raising=False)
+    monkeypatch.setattr(bench_sft, "unsloth_importable", lambda: False)
+    monkeypatch.setattr(bench_sft, "matmul_tflops", lambda: None)
+    assert bench_sft.main([*TINY, "--providers", "unsloth", "--out", str(tmp_path)]) == 0
+    (row,) = json.loads((tmp_path / "sft_tiny_packing_512.json").read_text())["rows"]
+    assert "not importable" in row["skipped"] and "--unsloth-site" in row["skipped"]
+    assert "tokens_per_s" not in row and "error" not in row
+    assert "skipped" in (tmp_path / "sft_tiny_packing_512.md").read_text()  # a column of the table
+    assert "'skipped'" in capsys.readouterr().out
+
+
+def test_an_unsloth_site_without_unsloth_is_rejected_before_the_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_sft.main([*TINY, "--providers", "unsloth", "--unsloth-site", str(tmp_path), "--out", str(tmp_path)])
+    assert "--unsloth-site" in capsys.readouterr().err and not list(tmp_path.glob("*.json"))
+
+
+def test_unsloth_site_comes_first_and_other_trl_sites_go(tmp_path, monkeypatch):
+    site = fake_unsloth.write_site(tmp_path / "usite")
+    (site / "trl").mkdir()  # its own, older trl
+    newer = tmp_path / "site"
+    (newer / "trl").mkdir(parents=True)
+    other = tmp_path / "other"
+    other.mkdir()
+    path = os.pathsep.join([str(newer), str(other), str(site)])
+    env = bench_sft.unsloth_env(site, {"PYTHONPATH": path, "HOME": "/home/x"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(site.resolve()), str(other)]
+    assert env["HOME"] == "/home/x"
+    assert bench_sft.unsloth_env(site, {})["PYTHONPATH"] == str(site.resolve())
+    monkeypatch.setenv(bench_sft.UNSLOTH_SITE_ENV, str(site))
+    assert bench_sft.build_parser().parse_args([]).unsloth_site == site  # the option's default
+
+
+def test_the_suites_end_to_end_rows_run_unsloth_beside_trl_and_liger():
+    from bench import suite
+
+    for part in (p for parts in suite.PRESETS.values() for p in parts.values()):
+        for entry in (e for e in part if e.argv[0] == "bench.bench_sft"):
+            providers = bench_sft.build_parser().parse_args(list(entry.argv[1:])).providers.split(",")
+            assert {"trl", "trl-liger", "fastsft", "unsloth"} <= set(providers), entry.name
+            assert providers[-1] == "unsloth"  # last: a run stopped at its cap keeps the other rows
+
+
+def test_results_are_written_after_every_provider(tmp_path, monkeypatch):
+    """A run stopped while a provider runs (the suite's time cap) keeps the rows of those that finished."""
+    def run_child(provider, argv, extra_args, env=None):
+        if provider == "trl-liger":
+            raise KeyboardInterrupt  # stands in for the cap's SIGTERM
+        return {"provider": provider, "tokens_per_s": 1000.0}
+
+    monkeypatch.setattr(bench_sft, "run_child", run_child)
+    monkeypatch.setattr(bench_sft, "matmul_tflops", lambda: None)
+    with pytest.raises(KeyboardInterrupt):
+        bench_sft.main([*TINY, "--providers", "trl,trl-liger,fastsft", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "sft_tiny_packing_512.json").read_text())["rows"]
+    assert row["provider"] == "trl" and row["tokens_per_s"] == 1000.0
