@@ -34,7 +34,7 @@ from typing import Any, Callable
 import torch
 import torch.utils.checkpoint
 
-from fastsft import card_table
+from fastsft import _capture, card_table
 
 BACKENDS = ("cuda", "triton", "reference")
 # auto's order per device type, filtered by the backends an op has
@@ -209,7 +209,8 @@ class Resolved:
             except Unsupported:
                 continue
             except Exception as exc:
-                if not is_backend_failure(exc):
+                # under a graph capture, an error says what cannot be captured, not that the backend is broken
+                if not is_backend_failure(exc) or _capture.capturing_on(device):
                     raise
                 self._drop(name, exc, functions[i + 1][0])
         raise AssertionError("unreachable")

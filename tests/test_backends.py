@@ -365,3 +365,17 @@ def test_double_backward_matches_reference_or_raises(case):
             second(backend)
         return
     torch.testing.assert_close(second(backend), second("reference"), rtol=1e-4, atol=1e-5)
+
+
+def test_a_failure_while_a_graph_is_captured_is_raised_and_keeps_the_backend(op):
+    """Under a capture the error says what cannot be captured; falling back would mark a working kernel broken
+    for the whole process (and the reference backend cannot be captured either)."""
+    from fastsft import _capture
+
+    x = torch.ones(2)
+    op["raise"] = RuntimeError("operation not permitted when stream is capturing")
+    with _capture.emulated(), pytest.raises(RuntimeError, match="stream is capturing"):
+        backends.dispatch(OP, "auto", x.device, x)
+    op["raise"] = None
+    assert torch.equal(backends.dispatch(OP, "auto", x.device, x), x * 2)
+    assert op["calls"] == ["cuda", "cuda"] and backends.fallbacks() == {}
