@@ -150,11 +150,24 @@ def _check_num_items(n):
         raise ValueError(f"{name} must be a whole number >= 0 (the count of labelled tokens), got {value}")
 
 
+def as_device_scalar(n, device: torch.device) -> torch.Tensor:
+    """``n`` (a number or a one-element tensor) as a float32 scalar on ``device``, without a host sync: a Python
+    number is written by a fill on the device, not copied from host memory."""
+    if isinstance(n, torch.Tensor):
+        return n.reshape(()).to(device=device, dtype=torch.float32)
+    return torch.full((), float(n), device=device, dtype=torch.float32)
+
+
 def _check_label_range(labels, vocab, ignore_index):
-    # One host sync: an id past the vocabulary would read out of bounds in a kernel. Skipped while compiling.
+    """An id past the vocabulary would read out of bounds in a kernel. On the CPU a plain check; on a GPU an
+    asynchronous device assert, queued before the kernels (no host sync). Skipped while compiling."""
     if torch.compiler.is_compiling() or labels.numel() == 0:
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if labels.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"linear_cross_entropy: a label is outside the vocabulary [0, {vocab}) and "
+                                        f"is not ignore_index ({ignore_index})")
+        return
     if bool(bad.any()):
         first = labels[bad][0].item()
         raise ValueError(f"linear_cross_entropy: label {first} is outside the vocabulary [0, {vocab}) and is not "
@@ -213,7 +226,7 @@ def _chunked(backend, hidden, weight, labels, *, bias, ignore_index, reduction, 
         raise backends.Unsupported(f"linear_cross_entropy: the fast backends take {_KERNEL_DTYPES}, got {hidden.dtype}; "
                         "use backend='reference' for float64")
     if num_items_in_batch is not None:
-        denom = torch.as_tensor(num_items_in_batch, device=hidden.device, dtype=torch.float32)
+        denom = as_device_scalar(num_items_in_batch, hidden.device)
     elif reduction == "mean":
         denom = (labels != ignore_index).sum().to(torch.float32)
     else:

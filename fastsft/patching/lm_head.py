@@ -27,6 +27,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from fastsft.ops import linear_cross_entropy
+from fastsft.ops.linear_cross_entropy import as_device_scalar
 from fastsft.patching.families import Family
 
 IGNORE_INDEX = -100
@@ -156,7 +157,7 @@ def _head_loss(state: PatchState, head: torch.nn.Module, hidden, targets, num_it
     if per_token:
         log_probs = -loss  # the op's per-token loss is 0 where the label is ignored
         denom = mask.sum() if num_items_in_batch is None else num_items_in_batch
-        result["loss"] = -log_probs.sum() / torch.as_tensor(denom, device=loss.device).clamp(min=1)
+        result["loss"] = -log_probs.sum() / as_device_scalar(denom, loss.device).clamp(min=1)
         result["log_probs"] = log_probs
     else:
         result["loss"] = loss

@@ -59,8 +59,9 @@ class TokenMetrics:
         sums = []
         for i in range(4):  # valid labels, entropy sum, top-1 hits, input tokens: each [ranks, micro-batches]
             values = [p[i] for p in pending]
-            if all(isinstance(v, int) for v in values):  # padding-free token counts: one copy to the device
-                local = torch.tensor(values, device=device)
+            if all(isinstance(v, int) for v in values):  # padding-free token counts: host numbers
+                # on one process they stay on the host (a copy to the device and back would wait for the GPU)
+                local = torch.tensor(values, device=device if accelerator.num_processes > 1 else "cpu")
             else:
                 local = torch.stack([torch.as_tensor(v, device=device) for v in values])
             per_rank = accelerator.gather(local).reshape(-1, len(pending))
@@ -70,8 +71,9 @@ class TokenMetrics:
                 sums.append(per_rank.sum(0))
         valid, entropy, correct, tokens = sums
         has = valid > 0
-        entropies = torch.where(has, entropy / valid, 0.0).tolist()
-        accuracies = torch.where(has, correct / valid, 0.0).tolist()
+        # one read of the device for both (each read waits for the GPU)
+        entropies, accuracies = torch.stack([torch.where(has, entropy / valid, 0.0),
+                                             torch.where(has, correct / valid, 0.0)]).tolist()
         metrics = trainer._metrics["train"]
         metrics["entropy"].extend(entropies)
         metrics["mean_token_accuracy"].extend(accuracies)
