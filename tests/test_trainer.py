@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import transformers
 import trl
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
@@ -358,3 +361,61 @@ def test_training_steps_go_through_the_skip(tmp_path, monkeypatch):
     monkeypatch.setattr(host_time, "_all_in_training_mode", spy)
     train(fastsft.SFTTrainer, tmp_path, steps=3)
     assert checked == [True, True, True]
+
+
+def _nan_at(trainer, calls):
+    """The trainer's compute_loss, with the loss value of the given micro-batch calls (1-based) NaN and its gradient
+    kept (the weights stay finite, so the later losses are real)."""
+    real, seen = trainer.compute_loss, []
+
+    def compute_loss(*args, **kwargs):
+        seen.append(1)
+        loss = real(*args, **kwargs)
+        if len(seen) not in calls:
+            return loss
+        return loss + (torch.full_like(loss, float("nan")) - loss).detach()  # NaN value, the loss's gradient
+
+    trainer.compute_loss = compute_loss
+
+
+def test_nan_loss_filter_and_token_count_on_the_device_log_what_transformers_logs(tmp_path):
+    """transformers' NaN/inf filter and num_input_tokens_seen, which read the device after every micro-batch,
+    computed on the device: the same logged losses (a NaN micro-batch counts as the average since the last log),
+    the same token counts at every log and at the end, and what a callback reads on a log step."""
+    config = dict(steps=6, batch_size=2, accumulation=2, logging_steps=2, include_num_input_tokens_seen="non_padding",
+                  **SGD_WEIGHTS)
+    runs = {}
+    for cls in (trl.SFTTrainer, fastsft.SFTTrainer):
+        trainer = train(cls, tmp_path, train=False, **config)
+        _nan_at(trainer, {3, 8})  # a micro-batch of step 2, and one of step 4 right after a log
+        seen = []
+
+        class Reader(transformers.TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if control.should_log:
+                    seen.append(state.num_input_tokens_seen)
+
+        trainer.add_callback(Reader())
+        reads = []
+        if cls is fastsft.SFTTrainer:  # no host read of a tensor where transformers makes them
+            assert trainer.args.logging_nan_inf_filter is False  # applied on the device instead
+            real_track, real_item, real_bool = trainer._track_num_input_tokens, torch.Tensor.item, torch.Tensor.__bool__
+
+            def track(inputs):
+                torch.Tensor.item = lambda t: reads.append("item") or real_item(t)
+                torch.Tensor.__bool__ = lambda t: reads.append("bool") or real_bool(t)
+                try:
+                    return real_track(inputs)
+                finally:
+                    torch.Tensor.item, torch.Tensor.__bool__ = real_item, real_bool
+
+            trainer._track_num_input_tokens = track
+        trainer.train()
+        assert reads == []
+        logs = [log for log in trainer.state.log_history if "loss" in log]
+        runs[cls] = ([log["loss"] for log in logs], [log["num_input_tokens_seen"] for log in logs], seen,
+                     trainer.state.num_input_tokens_seen)
+    ours, stock = runs[fastsft.SFTTrainer], runs[trl.SFTTrainer]
+    assert len(ours[0]) == len(stock[0]) == 3 and all(math.isfinite(x) for x in ours[0])
+    assert ours[0] == pytest.approx(stock[0], rel=1e-5)
+    assert ours[1:] == stock[1:] and ours[3] > 0

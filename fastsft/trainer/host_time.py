@@ -9,6 +9,8 @@ at the top of ``training_step``, and the parameter count in ``floating_point_ops
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 
 import torch
@@ -72,3 +74,17 @@ def train_call_skipped_if_noop(model):
         yield
     finally:
         model.__dict__.pop("train", None)
+
+
+def non_blocking_batches(args):
+    """``args`` with accelerate's batch transfers non-blocking (``accelerator_config.non_blocking``) where the data
+    loader pins its batches (``dataloader_pin_memory``, on by default): a blocking copy waits for every kernel
+    queued before it, so each step's batch would stall the host until the previous step has finished on the GPU.
+    From pinned memory the copy is safe without the wait (the pinned block is not reused before the copy is
+    done). A copy of ``args`` when it changes; the caller's object is left as it was."""
+    config = getattr(args, "accelerator_config", None)
+    if args is None or config is None or not args.dataloader_pin_memory or config.non_blocking:
+        return args
+    args = copy.copy(args)
+    args.accelerator_config = dataclasses.replace(config, non_blocking=True)
+    return args

@@ -11,8 +11,9 @@ from fastsft.callbacks import ThroughputCallback
 from fastsft.offload_checkpointing import offload_on_enable
 from fastsft.trainer.arguments import map_trainer_kwargs, take_offload
 from fastsft.trainer.ddp import lora_ddp_settings
-from fastsft.trainer.host_time import ParameterCount, train_call_skipped_if_noop
+from fastsft.trainer.host_time import ParameterCount, non_blocking_batches, train_call_skipped_if_noop
 from fastsft.trainer.metrics import TokenMetrics
+from fastsft.trainer.syncs import DeferredTokenCount, LossFilter, TokenCountCallback
 from fastsft.trainer.trl_head import install_after_trl
 
 
@@ -20,11 +21,16 @@ class SFTTrainer(trl.SFTTrainer):
     """``trl.SFTTrainer`` that patches the model with :func:`fastsft.patch` (a model object, a PEFT model, or a
     path/hub id that TRL loads). ``patch``: ``True`` (default switches), ``False`` (plain TRL), or a dict of
     :func:`fastsft.patch` keyword arguments. The report is ``trainer.patch_report`` (None when not patched).
-    ``gradient_checkpointing="offload"`` in ``args`` offloads the checkpointed layer inputs to CPU memory."""
+    ``gradient_checkpointing="offload"`` in ``args`` offloads the checkpointed layer inputs to CPU memory.
+
+    transformers' NaN/inf loss filter and ``num_input_tokens_seen`` are computed without reading the device after
+    each micro-batch (:mod:`fastsft.trainer.syncs`): the same logged values; ``args.logging_nan_inf_filter`` is
+    off in the trainer's copy of ``args``, and the token count is current at each log, save and evaluation."""
 
     def __init__(self, model, args=None, *positional, patch: bool | dict = True, **kwargs):
         args, kwargs = map_trainer_kwargs(model, args, kwargs)
         args, offload = take_offload(args)
+        args = non_blocking_batches(args)
         if not isinstance(patch, (bool, dict)):
             raise TypeError(f"SFTTrainer(patch=...) takes a bool or a dict of fastsft.patch options, got "
                             f"{type(patch).__name__}")
@@ -39,6 +45,12 @@ class SFTTrainer(trl.SFTTrainer):
         super().__init__(model, args, *positional, **kwargs)
         # tokens/s and peak memory in every training log, ahead of the reporting callbacks that write the logs out
         self.callback_handler.callbacks.insert(0, ThroughputCallback())
+        # the loss filter and the token count on the device (fastsft.trainer.syncs); the count is brought up to
+        # date right after transformers' flow callback decides a step's log, save or evaluation
+        self._loss_filter, self._token_count = LossFilter(self), DeferredTokenCount()
+        flow = next((i for i, c in enumerate(self.callback_handler.callbacks)
+                     if type(c).__name__ == "DefaultFlowCallback"), 0)
+        self.callback_handler.callbacks.insert(flow + 1, TokenCountCallback(self))
         if offload:
             # transformers' Trainer enables checkpointing in train(), not here: the offloading is installed by that
             # call (and any later one)
@@ -53,7 +65,12 @@ class SFTTrainer(trl.SFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         # transformers' training_step begins with model.train(), a walk over every module each micro-batch
         with train_call_skipped_if_noop(model):
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        return self._loss_filter(self, loss)
+
+    def _track_num_input_tokens(self, inputs):
+        if not self._token_count.add(self, inputs):
+            super()._track_num_input_tokens(inputs)
 
     def floating_point_ops(self, inputs) -> int:
         # transformers' formula (6 x input tokens x non-embedding parameters), the parameters counted once
@@ -105,5 +122,6 @@ class SFTTrainer(trl.SFTTrainer):
         self._token_metrics.resolve(self)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        self._token_count.resolve(self)
         self._resolve_token_stats()
         super().log(logs, *args, **kwargs)
