@@ -25,6 +25,8 @@ _LAZY = {
     "is_bfloat16_supported": "fastsft.facade",
     "enable_offloaded_checkpointing": "fastsft.offload_checkpointing",
     "disable_offloaded_checkpointing": "fastsft.offload_checkpointing",
+    "enable_captured_layers": "fastsft.captured_layers",
+    "disable_captured_layers": "fastsft.captured_layers",
     "enable_tiled_mlp": "fastsft.tiled_mlp",
     "disable_tiled_mlp": "fastsft.tiled_mlp",
 }

@@ -11,4 +11,4 @@ target=$(mktemp -d)
 cd "$repo"
 PYTHONPATH="$target" "$venv/bin/python" -c "import transformers; print('transformers', transformers.__version__)"
 PYTHONPATH="$target" "$venv/bin/python" -m pytest -q tests/test_patching.py tests/test_transformers_attention.py tests/test_convergence.py \
-  tests/test_trainer.py tests/test_offload_checkpointing.py tests/test_patch_parity.py "$@"
+  tests/test_trainer.py tests/test_offload_checkpointing.py tests/test_patch_parity.py tests/test_captured_layers.py "$@"

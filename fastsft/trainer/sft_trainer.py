@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import trl
 
 from fastsft import patching
+from fastsft.captured_layers import enable_captured_layers
 from fastsft.callbacks import ThroughputCallback
 from fastsft.offload_checkpointing import offload_on_enable
 from fastsft.trainer.arguments import map_trainer_kwargs, take_offload
@@ -16,6 +19,8 @@ from fastsft.trainer.metrics import TokenMetrics
 from fastsft.trainer.syncs import DeferredTokenCount, LossFilter, TokenCountCallback
 from fastsft.trainer.trl_head import install_after_trl
 
+logger = logging.getLogger(__name__)
+
 
 class SFTTrainer(trl.SFTTrainer):
     """``trl.SFTTrainer`` that patches the model with :func:`fastsft.patch` (a model object, a PEFT model, or a
@@ -23,11 +28,18 @@ class SFTTrainer(trl.SFTTrainer):
     :func:`fastsft.patch` keyword arguments. The report is ``trainer.patch_report`` (None when not patched).
     ``gradient_checkpointing="offload"`` in ``args`` offloads the checkpointed layer inputs to CPU memory.
 
+    ``capture_layers``: with packing into padding-free batches and gradient checkpointing (TRL's defaults for
+    ``packing=True``), the checkpointed decoder layers run as CUDA graphs, captured at the first step for the
+    batch's token budget (``per_device_train_batch_size * max_length``) and replayed at every step
+    (:mod:`fastsft.captured_layers`); ``False`` keeps them eager; a dict passes options to
+    :func:`fastsft.enable_captured_layers`. The object is ``trainer.captured_layers`` (None when off).
+
     transformers' NaN/inf loss filter and ``num_input_tokens_seen`` are computed without reading the device after
     each micro-batch (:mod:`fastsft.trainer.syncs`): the same logged values; ``args.logging_nan_inf_filter`` is
     off in the trainer's copy of ``args``, and the token count is current at each log, save and evaluation."""
 
-    def __init__(self, model, args=None, *positional, patch: bool | dict = True, **kwargs):
+    def __init__(self, model, args=None, *positional, patch: bool | dict = True, capture_layers: bool | dict = True,
+                 **kwargs):
         args, kwargs = map_trainer_kwargs(model, args, kwargs)
         args, offload = take_offload(args)
         args = non_blocking_batches(args)
@@ -57,10 +69,27 @@ class SFTTrainer(trl.SFTTrainer):
             offload_on_enable(self.model)
         if patch is not False:
             self.patch_report = install_after_trl(patching.causal_lm_of(self.model), self.patch_report, switches)
+        self.captured_layers = self._capture_layers(capture_layers)
+
+    def _capture_layers(self, capture_layers: bool | dict):
+        if not isinstance(capture_layers, (bool, dict)):
+            raise TypeError(f"SFTTrainer(capture_layers=...) takes a bool or a dict of enable_captured_layers "
+                            f"options, got {type(capture_layers).__name__}")
+        if capture_layers is False or not getattr(self, "padding_free", False) or not self.args.gradient_checkpointing:
+            return None  # rows that are not packed, or layers not checkpointed: nothing the graphs take
+        options = capture_layers if isinstance(capture_layers, dict) else {}
+        length = self.args.max_length
+        if length is not None:
+            options = {"token_budget": self.args.per_device_train_batch_size * length, "max_length": length,
+                       **options}
+        return enable_captured_layers(self.model, **options)
 
     def train(self, *args, **kwargs):
         self._parameter_count.clear()  # the model may have changed since the last call
-        return super().train(*args, **kwargs)
+        result = super().train(*args, **kwargs)
+        if self.captured_layers is not None:
+            logger.info("fastsft %s", self.captured_layers.summary())
+        return result
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # transformers' training_step begins with model.train(), a walk over every module each micro-batch
