@@ -57,6 +57,8 @@ MODELS = {
 }
 # Unsloth last: when a run is stopped at a time cap, the rows written before (after every provider) are kept.
 PROVIDERS = ("trl", "trl-liger", "fastsft", "unsloth")
+# also runnable: fastsft with its decoder layers eager (no captured graphs), the step the graphs replace
+EXTRA_PROVIDERS = ("fastsft-eager",)
 UNSLOTH_SITE_ENV = "FASTSFT_UNSLOTH_SITE"
 UNSLOTH_VERSIONS = ("unsloth", "unsloth-zoo", "trl", "transformers", "peft", "datasets", "bitsandbytes")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -176,8 +178,11 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
     from peft import LoraConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if provider == "fastsft":
+    fastsft_options = {}
+    if provider in ("fastsft", "fastsft-eager"):
         from fastsft import SFTConfig, SFTTrainer
+
+        fastsft_options["capture_layers"] = provider == "fastsft"
     else:
         from trl import SFTConfig, SFTTrainer
     rank = getattr(a, "rank", 16)
@@ -202,7 +207,7 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
         optim=getattr(a, "optim", DEFAULT_OPTIM))
     trainer = SFTTrainer(model=model, args=args, train_dataset=data,
                          processing_class=make_tokenizer(model.config.vocab_size), peft_config=lora,
-                         callbacks=callbacks)
+                         callbacks=callbacks, **fastsft_options)
     if getattr(a, "tiled_mlp", False):  # bench_context's offload-tiled mode (fastsft only)
         from fastsft import enable_tiled_mlp
 
@@ -232,9 +237,11 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
         result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
     if provider == "unsloth":  # its own site's versions, not the run's (the environment of the result file)
         result["versions"] = package_versions(UNSLOTH_VERSIONS)
-    if provider == "fastsft":
+    if provider in ("fastsft", "fastsft-eager"):
         from fastsft import backends
 
+        if trainer.captured_layers is not None:
+            result["captured_layers"] = trainer.captured_layers.summary()
         # a kernel that failed fell back to a slower backend: the row must say so, not just a warning in a log
         result["fallbacks"] = backends.fallbacks()
         unavailable = sorted(op for op, why in backends.report().items() if why.get("triton@cuda", "ok") != "ok")
@@ -347,7 +354,9 @@ def optim_suffix(a: argparse.Namespace) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="llama-1b")
-    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help=f"comma-separated, of {', '.join(PROVIDERS + EXTRA_PROVIDERS)} (default: "
+                             f"{','.join(PROVIDERS)})")
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--no-packing", dest="packing", action="store_false", help="the default")
     parser.add_argument("--qlora", action="store_true", help="base weights in 4-bit NF4 (bitsandbytes; needs CUDA)")
@@ -369,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the run, flag every metric worse than in OLD.json (an earlier result of the same "
                              "command) by more than --threshold, and exit 1 if any is")
     parser.add_argument("--threshold", type=float, default=0.05, help="relative change --compare flags (default 5%%)")
-    parser.add_argument("--single", choices=PROVIDERS, help=argparse.SUPPRESS)  # child process mode
+    parser.add_argument("--single", choices=PROVIDERS + EXTRA_PROVIDERS, help=argparse.SUPPRESS)  # child process mode
     parser.add_argument("--result-json", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)  # --qlora: the saved random model
     return parser
@@ -386,6 +395,8 @@ def main(argv=None) -> int:
     if a.compare is not None and not a.compare.is_file():  # before the run, not after it
         parser.error(f"--compare: no file {a.compare}")
     providers = a.providers.split(",")
+    if unknown := [p for p in providers if p not in PROVIDERS + EXTRA_PROVIDERS]:
+        parser.error(f"--providers: unknown {', '.join(unknown)} (known: {', '.join(PROVIDERS + EXTRA_PROVIDERS)})")
     if "unsloth" in providers and a.unsloth_site is not None and not (a.unsloth_site / "unsloth").is_dir():
         parser.error(f"--unsloth-site: no unsloth package in {a.unsloth_site}")
 

@@ -163,3 +163,18 @@ def test_results_are_written_after_every_provider(tmp_path, monkeypatch):
         bench_sft.main([*TINY, "--providers", "trl,trl-liger,fastsft", "--out", str(tmp_path)])
     (row,) = json.loads((tmp_path / "sft_tiny_packing_512.json").read_text())["rows"]
     assert row["provider"] == "trl" and row["tokens_per_s"] == 1000.0
+
+
+def test_fastsft_eager_runs_the_layers_eagerly_beside_the_default(tmp_path):
+    bench_sft.main([*TINY, "--providers", "fastsft,fastsft-eager", "--out", str(tmp_path)])
+    default, eager = json.loads((tmp_path / "sft_tiny_packing_512.json").read_text())["rows"]
+    assert (default["provider"], eager["provider"]) == ("fastsft", "fastsft-eager")
+    # on the CPU the graphs are not captured (CUDA only): the default says so, the eager row has none
+    assert "captured layers" in default["captured_layers"] and "captured_layers" not in eager
+    assert default["first_losses"] == pytest.approx(eager["first_losses"], rel=1e-6)
+
+
+def test_an_unknown_provider_is_rejected_before_the_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench_sft.main([*TINY, "--providers", "fastsft,fastsoft", "--out", str(tmp_path)])
+    assert "unknown fastsoft" in capsys.readouterr().err
