@@ -129,7 +129,9 @@ def _free_port() -> int:
 
 def _torchrun(nproc: int, *worker_args, timeout: int = 180) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "ACCELERATE_USE_CPU": "true"}
+           "ACCELERATE_USE_CPU": "true",
+           # gloo workers on the CPU also on a machine with GPUs: with one GPU, rank 1 would ask for cuda:1
+           "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
                "127.0.0.1", "--master_port", str(_free_port()), __file__, *map(str, worker_args)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
