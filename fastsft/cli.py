@@ -1,4 +1,5 @@
-"""The ``fastsft`` command line: ``train``, ``check`` and ``demo`` (see ``fastsft <command> --help``)."""
+"""The ``fastsft`` command line: ``sft``, ``train``, ``merge``, ``check`` and ``demo`` (see ``fastsft <command>
+--help``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fastsft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    # parsed by TRL's own parser (fastsft.commands.sft): every `trl sft` flag and config file
+    sft = commands.add_parser("sft", add_help=False, help="`trl sft`'s arguments and config files, trained by fastsft "
+                                                          "(fastsft sft --help lists them)")
+    sft.add_argument("arguments", nargs=argparse.REMAINDER)
+
     train = commands.add_parser("train", help="run the SFT recipe from a YAML config and/or flags")
     train.add_argument("config", nargs="?", help="YAML file of settings (flags override it)")
     train.add_argument("--model", help="model directory or hub id; 'demo': the built-in small model (random init)")
@@ -35,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume-from-checkpoint", dest="resume_from_checkpoint", nargs="?", const=True,
                        metavar="CHECKPOINT", help="continue from this checkpoint (alone: the last one in --output-dir)")
 
+    merge = commands.add_parser("merge", help="merge a LoRA adapter into its base model, check it, save it in "
+                                              "plain transformers format")
+    from fastsft.commands.merge import add_arguments
+
+    add_arguments(merge)
+
     check = commands.add_parser("check", help="run every op against its reference on this machine")
     check.add_argument("--strict", action="store_true", help="also fail for ops that have no check case")
 
@@ -45,20 +57,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the whole model")
     demo.add_argument("--output-dir", dest="output_dir", help="keep the runs' outputs here (default: temporary)")
     demo.add_argument("--json", help="write losses, timings and peak memory to this JSON file")
+    demo.add_argument("--plot", help="the PNG of losses, speed and memory (default: beside --json, in --output-dir, "
+                                     "or fastsft-demo.png here)")
+    demo.add_argument("--no-plot", dest="no_plot", action="store_true", help="draw nothing")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sft"]:  # TRL's parser takes the rest as it is (--help included)
+        args = argparse.Namespace(command="sft", arguments=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "check":
+    if args.command == "sft":
+        from fastsft.commands import sft as command
+    elif args.command == "merge":
+        from fastsft.commands import merge as command
+    elif args.command == "check":
         from fastsft.commands import check as command
     elif args.command == "demo":
         from fastsft.commands import demo as command
     else:
         from fastsft.commands import train as command
     try:
-        return command.main(args)
+        # sft's arguments go to TRL's parser as they are
+        return command.main(args.arguments if args.command == "sft" else args)
     except UsageError as exc:  # the user's input, not fastsft: no traceback, argparse's exit code
         print(f"fastsft {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -61,7 +61,20 @@ def test_demo_three_steps_writes_json(tmp_path, capsys):
     assert len(result["fastsft"]["losses"]) == len(result["trl"]["losses"]) == 3
     assert result["fastsft"]["losses"] == pytest.approx(result["trl"]["losses"], rel=1e-4)
     assert result["speedup"] > 0
-    assert "speedup" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speedup" in out
+    plot = tmp_path / "demo.png"  # beside the JSON, and its path printed
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {plot}" in out
+
+
+def test_demo_plot_draws_the_losses_speed_and_memory(tmp_path):
+    from fastsft.commands import plots
+
+    run = {"losses": [2.0, 1.5, 1.2], "tokens_per_second": 1000.0, "peak_memory_bytes": 2**30}
+    result = {"device": "NVIDIA H200", "steps": 3, "batch_size": 2, "lora": True, "speedup": 2.0,
+              "fastsft": run, "trl": {**run, "tokens_per_second": 500.0, "peak_memory_bytes": 2**31}}
+    assert plots.demo_plot(result, tmp_path / "d.png") == tmp_path / "d.png"
+    assert (tmp_path / "d.png").stat().st_size > 10_000
 
 
 def test_train_from_yaml_saves_adapter(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from fastsft.commands import plots
 from fastsft.commands.train import ThroughputCallback, peak_memory_bytes
 
 logger = logging.getLogger("fastsft")
@@ -90,6 +91,18 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot_path(args) -> Path | None:
+    """Where the demo's picture goes: ``--plot``, else beside ``--json`` or in ``--output-dir``, else
+    ``fastsft-demo.png`` here; None with ``--no-plot``."""
+    if args.no_plot:
+        return None
+    if args.plot:
+        return Path(args.plot)
+    if args.json:
+        return Path(args.json).with_suffix(".png")
+    return Path(args.output_dir or ".") / "fastsft-demo.png"
+
+
 def main(args) -> int:
     result = run_demo(steps=args.steps, device=args.device, output_dir=args.output_dir, batch_size=args.batch_size,
                       lora=args.lora)
@@ -97,4 +110,6 @@ def main(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if (path := plot_path(args)) is not None and plots.demo_plot(result, path) is not None:
+        print(f"plot: {path}")
     return 0

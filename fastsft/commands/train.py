@@ -1,5 +1,8 @@
 """``fastsft train [CONFIG.yaml] [flags]``: the SFT recipe (seed, load, patch, LoRA, fastsft.SFTTrainer, save).
 
+A flat ``trl sft`` config (with ``model_name_or_path``) runs ``fastsft sft --config CONFIG.yaml``; the nested file
+below is deprecated (a FutureWarning) and still read.
+
 The YAML file has the keys of ``TrainSettings`` (flags with the same names override it); ``sft:`` holds any
 other ``SFTConfig`` argument, and overrides fastsft's defaults for them (``logging_steps=1``, no checkpoints,
 ``report_to="none"``, and on a machine without a GPU ``use_cpu=True, bf16=False``). Example::
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import logging
+import warnings
 import resource
 import tempfile
 import time
@@ -262,7 +266,34 @@ def run(settings: TrainSettings) -> dict:
             "peak_memory_bytes": peak_memory_bytes(args.device)}
 
 
+def flat_config(config_path: str | None) -> bool:
+    """Whether the YAML file is a flat ``trl sft`` config (``model_name_or_path``, ...), not the nested one of
+    :class:`TrainSettings`."""
+    if config_path is None or not Path(config_path).is_file():
+        return False
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(config_path).read_text())
+    except yaml.YAMLError:
+        return False  # load_settings says what is wrong with it
+    return isinstance(values, dict) and "model_name_or_path" in values
+
+
 def main(args) -> int:
+    if flat_config(args.config):
+        from fastsft.commands import sft
+
+        given = [f"--{name.replace('_', '-')}" for name in ("model", "dataset", "output_dir", "max_steps")
+                 if getattr(args, name, None) is not None]
+        if given:
+            raise UsageError(f"{args.config} is a flat trl sft config: give {', '.join(given)} as fastsft sft's "
+                             f"flags (fastsft sft --config {args.config} --help lists them)")
+        return sft.main(["--config", args.config])
+    if args.config is not None:
+        warnings.warn("fastsft train's nested YAML (model:, dataset:, lora:, sft:) is deprecated: write the flat "
+                      "config of trl sft (model_name_or_path:, dataset_name:, use_peft:, lora_r:, ...) and run "
+                      "fastsft sft --config FILE (fastsft train FILE runs it too)", FutureWarning, stacklevel=2)
     overrides = {name: getattr(args, name, None) for name in
                  ("model", "dataset", "output_dir", "max_steps", "learning_rate", "per_device_train_batch_size",
                   "gradient_accumulation_steps", "max_seq_length", "dtype", "seed", "resume_from_checkpoint")}
