@@ -84,8 +84,44 @@ def _main_metric(rows: list[dict]) -> str | None:
     return None
 
 
-def plot(name: str, rows: list[dict], out_dir: Path) -> list[Path]:
-    """Grouped bars per case (x) and provider (colour) for the main time metric and for peak memory."""
+# axis labels with units, and which way is better
+AXIS = {"tokens_per_s": "tokens/s (higher is better)", "ms": "time, ms (lower is better)",
+        "fwd_bwd_ms": "forward + backward, ms (lower is better)", "peak_GiB": "peak memory, GiB (lower is better)",
+        "peak_extra_GiB": "peak memory above the inputs, GiB (lower is better)"}
+LOG_SCALE_SPAN = 30  # a log axis when the largest bar is more than this many times the smallest
+
+
+def axis_label(metric: str) -> str:
+    return AXIS.get(metric, metric.replace("_", " "))
+
+
+def case_labels(configs: list[dict]) -> list[str]:
+    """A readable label per case: only the settings that differ between the cases, as ``name value``
+    (``name`` for a true flag, ``no name`` for a false one), one per line."""
+    keys = [k for k in dict.fromkeys(k for c in configs for k in c) if k not in MEASURED_OTHER
+            and len({repr(c.get(k)) for c in configs}) > 1]
+
+    def word(key, value):
+        name = key.replace("_", " ")
+        if isinstance(value, bool):
+            return name if value else f"no {name}"
+        if isinstance(value, (list, tuple)):  # a case given as its parts: ["dense", 1024]
+            return " ".join(str(v) for v in value)
+        if isinstance(value, int) and abs(value) >= 10_000:
+            value = f"{value:,}"
+        return str(value) if key == "run" else f"{name} {value}"
+
+    return ["\n".join(word(k, c[k]) for k in keys if k in c) or "all" for c in configs]
+
+
+def log_scale(values) -> bool:
+    positive = [v for v in values if v and v > 0]
+    return len(positive) > 1 and max(positive) / min(positive) > LOG_SCALE_SPAN
+
+
+def plot(name: str, rows: list[dict], out_dir: Path, env: dict | None = None) -> list[Path]:
+    """Grouped bars per case (x) and provider (colour) for the main time metric and for peak memory; the title names
+    the card and commit (``env``), the axis the unit, the cases by the settings that differ."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,25 +129,32 @@ def plot(name: str, rows: list[dict], out_dir: Path) -> list[Path]:
 
     made = []
     key = "provider" if any("provider" in r for r in rows) else "part"
+    env = env or {}
+    where = ", ".join(str(x) for x in (env.get("card"), env.get("commit") and f"commit {env['commit']}") if x)
     for metric in filter(None, [_main_metric(rows), "peak_extra_GiB", "peak_GiB"]):
         measured = [r for r in rows if metric in r]
         if not measured:
             continue
-        cases = list(dict.fromkeys(_label({k: v for k, v in split(r)[0].items() if k != key}) for r in measured))
+        configs = [{k: v for k, v in split(r)[0].items() if k != key} for r in measured]
+        ids = [_label(c) for c in configs]
+        cases = list(dict.fromkeys(ids))
+        labels = dict(zip(ids, case_labels(configs)))
         providers = list(dict.fromkeys(str(r.get(key)) for r in measured))
         width = 0.8 / max(1, len(providers))
         fig, ax = plt.subplots(figsize=(min(16, max(6, 0.6 * len(cases) * max(1, len(providers)))), 4))
         for i, provider in enumerate(providers):
             values = []
             for case in cases:
-                match = [r[metric] for r in measured if str(r.get(key)) == provider
-                         and _label({k: v for k, v in split(r)[0].items() if k != key}) == case]
+                match = [r[metric] for r, case_id in zip(measured, ids) if str(r.get(key)) == provider
+                         and case_id == case]
                 values.append(match[0] if match else 0.0)
             ax.bar([x + i * width for x in range(len(cases))], values, width, label=provider)
+        if log_scale([r[metric] for r in measured]):
+            ax.set_yscale("log")
         ax.set_xticks([x + width * (len(providers) - 1) / 2 for x in range(len(cases))])
-        ax.set_xticklabels([c.replace(", ", "\n") for c in cases], fontsize=7)
-        ax.set_ylabel(metric)
-        ax.set_title(name)
+        ax.set_xticklabels([labels[c] for c in cases], fontsize=7)
+        ax.set_ylabel(axis_label(metric))
+        ax.set_title(f"{name.replace('_', ' ')}" + (f" ({where})" if where else ""), fontsize=10)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"{name}_{metric.replace('/', '_')}.png"
@@ -166,7 +209,7 @@ def report(results_dir: Path) -> Path:
             lines += table.read_text().splitlines()[1:]  # without its own title
         else:
             lines.append(f"{env.get('card')}, commit {env.get('commit')}: {len(rows)} rows (see {name}.json)")
-        for path in plot(name, rows, plots_dir):
+        for path in plot(name, rows, plots_dir, env):
             lines.append(f"![{path.stem}](plots/{path.name})")
         lines.append("")
     out = results_dir / "RESULTS.md"

@@ -57,3 +57,26 @@ def test_compare_matches_sft_rows_and_reads_the_median_step_rate_as_higher_is_be
                            "first_losses": [2.50001]}])
     found = report.compare(old, new, threshold=0.05)
     assert len(found) == 1 and "step_ms_max" in found[0]  # the faster median step is no regression
+
+
+def test_plot_labels_name_the_differing_settings_the_units_and_use_a_log_scale_when_needed():
+    configs = [{"model": "llama-8b", "tokens": 4096, "packing": True, "run": "1B 4x2048"},
+               {"model": "llama-8b", "tokens": 16384, "packing": False, "run": "8B 2x2048"}]
+    # the model is the same in both: left out; flags as words, large numbers grouped, a run by its name
+    assert report.case_labels(configs) == ["tokens 4096\npacking\n1B 4x2048", "tokens 16,384\nno packing\n8B 2x2048"]
+    assert report.case_labels([{"model": "a"}, {"model": "a"}]) == ["all", "all"]
+    assert report.case_labels([{"case": ["dense", 1024]}, {"case": ["packed", 8192]}]) == ["dense 1024", "packed 8192"]
+    assert report.axis_label("tokens_per_s") == "tokens/s (higher is better)"
+    assert report.axis_label("peak_GiB").startswith("peak memory, GiB")
+    assert report.log_scale([0.5, 20.0]) and not report.log_scale([5.0, 20.0]) and not report.log_scale([0.0, 3.0])
+
+
+def test_plot_titles_name_the_card_and_commit(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, *a, **k: titles.append(t) or real(self, t))
+    rows = [{"provider": "a", "tokens": 1024, "ms": 0.1}, {"provider": "a", "tokens": 16384, "ms": 20.0}]
+    report.plot("kernels_attention", rows, tmp_path, {"card": "NVIDIA H200", "commit": "abc1234"})
+    assert titles == ["kernels attention (NVIDIA H200, commit abc1234)"]
