@@ -25,12 +25,20 @@ def peak_memory_gb() -> float:
     return peak / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+# what transformers adds to every training log when it counts input tokens: a rate and runtime since training began
+_CUMULATIVE_SPEED = ("train_tokens_per_second", "train_runtime")
+
+
 class ThroughputCallback(TrainerCallback):
     """Adds to each training log (the ones with ``loss``):
 
     - ``tokens_per_second``: training tokens (TRL's ``num_tokens``, the non-padding tokens; otherwise
       ``num_input_tokens_seen``) since the previous log, over the wall time since then, on this process;
     - ``peak_memory_gb``: :func:`peak_memory_gb`, since training started (the CUDA peak is reset at train begin).
+
+    transformers' ``train_tokens_per_second`` and ``train_runtime`` (since the start of training, on every log when
+    ``include_num_input_tokens_seen`` is set) are taken out of those logs, so one tokens/s shows per line; the
+    final training summary keeps its own.
 
     It must run before the reporting callbacks (``fastsft.SFTTrainer`` puts it first): it writes into the logs
     dict they receive, and into the matching ``state.log_history`` entry.
@@ -62,6 +70,13 @@ class ThroughputCallback(TrainerCallback):
             self._last_tokens = tokens
         self._last_time = now
         logs.update(extra)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step \
-                and state.log_history[-1].get("loss") == logs["loss"]:
-            state.log_history[-1].update(extra)
+        entry = state.log_history[-1] if state.log_history else None
+        ours = entry is not None and entry.get("step") == state.global_step and entry.get("loss") == logs["loss"]
+        if ours:
+            entry.update(extra)
+        if "tokens_per_second" in extra:
+            # transformers' own rate since the start of training (include_num_input_tokens_seen) would be a second,
+            # different tokens/s on every line: the rate since the last log is the one shown
+            for target in (logs, entry) if ours else (logs,):
+                for key in _CUMULATIVE_SPEED:
+                    target.pop(key, None)

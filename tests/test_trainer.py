@@ -419,3 +419,15 @@ def test_nan_loss_filter_and_token_count_on_the_device_log_what_transformers_log
     assert len(ours[0]) == len(stock[0]) == 3 and all(math.isfinite(x) for x in ours[0])
     assert ours[0] == pytest.approx(stock[0], rel=1e-5)
     assert ours[1:] == stock[1:] and ours[3] > 0
+
+
+def test_every_training_log_shows_one_tokens_per_second(tmp_path):
+    """With include_num_input_tokens_seen transformers adds its own rate since the start of training to each log;
+    fastsft's rate since the last log is the one shown (a single tokens/s per line), the summary keeps its own."""
+    trainer = train(fastsft.SFTTrainer, tmp_path, steps=3, include_num_input_tokens_seen="non_padding")
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert len(logs) == 3
+    for log in logs:
+        assert log["tokens_per_second"] > 0 and "peak_memory_gb" in log
+        assert "train_tokens_per_second" not in log and "train_runtime" not in log
+    assert "train_runtime" in trainer.state.log_history[-1]  # the final summary
