@@ -1,5 +1,5 @@
-"""The ``fastsft`` command line: ``sft``, ``train``, ``merge``, ``check`` and ``demo`` (see ``fastsft <command>
---help``)."""
+"""The ``fastsft`` command line: ``sft``, ``train``, ``merge``, ``bench``, ``check`` and ``demo`` (see ``fastsft
+<command> --help``)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     sft = commands.add_parser("sft", add_help=False, help="`trl sft`'s arguments and config files, trained by fastsft "
                                                           "(fastsft sft --help lists them)")
     sft.add_argument("arguments", nargs=argparse.REMAINDER)
+    bench = commands.add_parser("bench", add_help=False, help="the benchmarks: e2e (end to end beside TRL, Liger and "
+                                                              "Unsloth), suite, report (from a source checkout)")
+    bench.add_argument("arguments", nargs=argparse.REMAINDER)
 
     train = commands.add_parser("train", help="run the SFT recipe from a YAML config and/or flags")
     train.add_argument("config", nargs="?", help="YAML file of settings (flags override it)")
@@ -65,13 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["sft"]:  # TRL's parser takes the rest as it is (--help included)
-        args = argparse.Namespace(command="sft", arguments=argv[1:])
+    if argv[:1] in (["sft"], ["bench"]):  # their own parsers take the rest as it is (--help included)
+        args = argparse.Namespace(command=argv[0], arguments=argv[1:])
     else:
         args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.command == "sft":
         from fastsft.commands import sft as command
+    elif args.command == "bench":
+        from fastsft.commands import bench as command
     elif args.command == "merge":
         from fastsft.commands import merge as command
     elif args.command == "check":
@@ -81,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from fastsft.commands import train as command
     try:
-        # sft's arguments go to TRL's parser as they are
-        return command.main(args.arguments if args.command == "sft" else args)
+        # sft's and bench's arguments go to their own parsers as they are
+        return command.main(args.arguments if args.command in ("sft", "bench") else args)
     except UsageError as exc:  # the user's input, not fastsft: no traceback, argparse's exit code
         print(f"fastsft {args.command}: error: {exc}", file=sys.stderr)
         return 2

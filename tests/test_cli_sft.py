@@ -191,3 +191,15 @@ def test_merge_round_trip_gives_the_logits_of_base_and_adapter(tmp_path, capsys)
     assert "not empty" in capsys.readouterr().err
     assert cli.main(["merge", "--base", str(base), "--adapter", str(base), "--output", str(tmp_path / "m2")]) == 2
     assert "not a PEFT adapter folder" in capsys.readouterr().err
+
+
+def test_bench_runs_the_harness_from_the_command_line(tmp_path, capsys, monkeypatch):
+    """fastsft bench e2e is bench_sft (here its CPU smoke run), from any folder, children included."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "e2e", "--model", "tiny", "--providers", "fastsft", "--warmup", "1", "--steps", "1", "--batch",
+            "2", "--out", str(tmp_path / "results")]
+    assert cli.main(argv) == 0
+    rows = json.loads((tmp_path / "results" / "sft_tiny.json").read_text())["rows"]
+    assert rows[0]["provider"] == "fastsft" and rows[0]["tokens_per_s"] > 0
+    assert cli.main(["bench", "nothing"]) == 2
+    assert "takes one of e2e, suite, report" in capsys.readouterr().err
