@@ -203,3 +203,41 @@ def test_bench_runs_the_harness_from_the_command_line(tmp_path, capsys, monkeypa
     assert rows[0]["provider"] == "fastsft" and rows[0]["tokens_per_s"] > 0
     assert cli.main(["bench", "nothing"]) == 2
     assert "takes one of e2e, suite, report" in capsys.readouterr().err
+
+
+def test_parquet_data_and_a_wandb_run_offline(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("wandb")
+    from datasets import load_dataset
+
+    from fastsft.demo_assets import DEMO_DATASET
+
+    load_dataset("json", data_files=str(DEMO_DATASET), split="train").select(range(16)).to_parquet(
+        str(tmp_path / "chat.parquet"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    (tmp_path / "wandb").mkdir()
+    assert _run(capsys, _args(tmp_path / "out", "--dataset_name", str(tmp_path / "chat.parquet"), "--max_steps",
+                              "1", "--report_to", "wandb", "--run_name", "cli-offline")) == 0
+    import wandb
+
+    wandb.finish()
+    assert list((tmp_path / "wandb").glob("wandb/offline-run-*")), "no offline W&B run"
+
+
+def test_qlora_flags_give_the_trainer_a_4bit_quantization_config(tmp_path, monkeypatch):
+    """--load_in_4bit reaches TRL's loading as trl sft passes it (bitsandbytes' 4-bit layers need a GPU: the run
+    stops at the trainer here)."""
+    import fastsft
+
+    seen = {}
+
+    def stop(self, *args, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fastsft.SFTTrainer, "__init__", stop)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["sft", *_args(tmp_path / "out", "--load_in_4bit", "--bnb_4bit_quant_type", "nf4")])
+    config = seen["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    assert seen["peft_config"].r == 8
