@@ -205,23 +205,18 @@ def test_bench_runs_the_harness_from_the_command_line(tmp_path, capsys, monkeypa
     assert "takes one of e2e, suite, report" in capsys.readouterr().err
 
 
-def test_parquet_data_and_a_wandb_run_offline(tmp_path, capsys, monkeypatch):
-    pytest.importorskip("wandb")
+def test_parquet_data(tmp_path, capsys):
+    # (W&B through --report_to is TRL's reporting, tested offline with fastsft.SFTTrainer in test_recipes: a second
+    # offline run here would share wandb's process-wide settings with that one)
     from datasets import load_dataset
 
     from fastsft.demo_assets import DEMO_DATASET
 
     load_dataset("json", data_files=str(DEMO_DATASET), split="train").select(range(16)).to_parquet(
         str(tmp_path / "chat.parquet"))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
-    (tmp_path / "wandb").mkdir()
     assert _run(capsys, _args(tmp_path / "out", "--dataset_name", str(tmp_path / "chat.parquet"), "--max_steps",
-                              "1", "--report_to", "wandb", "--run_name", "cli-offline")) == 0
-    import wandb
-
-    wandb.finish()
-    assert list((tmp_path / "wandb").glob("wandb/offline-run-*")), "no offline W&B run"
+                              "1")) == 0
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
 
 
 def test_qlora_flags_give_the_trainer_a_4bit_quantization_config(tmp_path, monkeypatch):
