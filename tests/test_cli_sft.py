@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -196,6 +197,7 @@ def test_merge_round_trip_gives_the_logits_of_base_and_adapter(tmp_path, capsys)
 def test_bench_runs_the_harness_from_the_command_line(tmp_path, capsys, monkeypatch):
     """fastsft bench e2e is bench_sft (here its CPU smoke run), from any folder, children included."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # restored after: the command extends it
     argv = ["bench", "e2e", "--model", "tiny", "--providers", "fastsft", "--warmup", "1", "--steps", "1", "--batch",
             "2", "--out", str(tmp_path / "results")]
     assert cli.main(argv) == 0
