@@ -446,6 +446,8 @@ class CapturedLayers:
         for name, value in (("token_budget", token_budget), ("max_length", max_length)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if isinstance(max_captures, bool) or not isinstance(max_captures, int) or max_captures < 0:
+            raise ValueError(f"max_captures must be a non-negative int, got {max_captures!r}")
         self.token_budget, self.max_length, self.max_captures, self.graphs = (token_budget, max_length,
                                                                              max_captures, graphs)
         self.stack = weakref.ref(stack)
@@ -595,6 +597,9 @@ class CapturedLayers:
 
 
 def _stack_of(model) -> torch.nn.Module:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"captured layers need a transformers model (or a PEFT model wrapping one), got "
+                        f"{type(model).__name__}")
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     return getattr(inner, "base_model", inner)
 

@@ -243,6 +243,10 @@ def test_bad_settings_are_refused():
         cl.enable_captured_layers(model, token_budget=0)
     with pytest.raises(ValueError, match="graphs"):
         cl.enable_captured_layers(model, graphs="sometimes")
+    with pytest.raises(ValueError, match="max_captures"):
+        cl.enable_captured_layers(model, max_captures=-1)
+    with pytest.raises(TypeError, match="transformers model"):
+        cl.enable_captured_layers("meta-llama/Llama-3.2-1B")
 
 
 def test_on_the_cpu_cuda_graphs_leave_the_layers_eager_with_the_reason():
