@@ -78,5 +78,5 @@ def test_plot_titles_name_the_card_and_commit(tmp_path, monkeypatch):
     real = matplotlib.axes.Axes.set_title
     monkeypatch.setattr(matplotlib.axes.Axes, "set_title", lambda self, t, *a, **k: titles.append(t) or real(self, t))
     rows = [{"provider": "a", "tokens": 1024, "ms": 0.1}, {"provider": "a", "tokens": 16384, "ms": 20.0}]
-    report.plot("kernels_attention", rows, tmp_path, {"card": "NVIDIA H200", "commit": "abc1234"})
-    assert titles == ["kernels attention (NVIDIA H200, commit abc1234)"]
+    report.plot("kernels_attention", rows, tmp_path, {"card": "NVIDIA H200", "commit": "the-commit"})
+    assert titles == ["kernels attention (NVIDIA H200, commit the-commit)"]
