@@ -7,6 +7,7 @@ import logging
 
 import torch
 import trl
+from transformers.trainer_callback import DefaultFlowCallback
 
 from fastsft import patching
 from fastsft.captured_layers import enable_captured_layers
@@ -60,8 +61,7 @@ class SFTTrainer(trl.SFTTrainer):
         # the loss filter and the token count on the device (fastsft.trainer.syncs); the count is brought up to
         # date right after transformers' flow callback decides a step's log, save or evaluation
         self._loss_filter, self._token_count = LossFilter(self), DeferredTokenCount()
-        flow = next((i for i, c in enumerate(self.callback_handler.callbacks)
-                     if type(c).__name__ == "DefaultFlowCallback"), 0)
+        flow = next((i for i, c in enumerate(self.callback_handler.callbacks) if isinstance(c, DefaultFlowCallback)), 0)
         self.callback_handler.callbacks.insert(flow + 1, TokenCountCallback(self))
         if offload:
             # transformers' Trainer enables checkpointing in train(), not here: the offloading is installed by that
