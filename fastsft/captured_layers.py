@@ -19,11 +19,19 @@ gradients are sliced back to ``n`` rows, so nothing outside the layers sees the 
 the token counts are those of the batch. One set of graphs thus serves every batch that fits; a batch that does not
 fit is captured anew, on larger bounds (at most ``max_captures`` times), and after that runs eagerly.
 
+With offloaded checkpointing (:mod:`fastsft.offload_checkpointing` is the layers' checkpointing function) the
+layer inputs are not kept on the device: the layers write their outputs into two buffers in turn, and each layer's
+input is copied to pinned host memory on a side stream while the layer runs (the layer after next, which
+overwrites that buffer, waits for the copy). In backward, layer ``i``'s input is copied back into one of two
+recompute buffers while layer ``i + 1`` runs its backward. Seven token-sized buffers stay on the device instead
+of one per layer, and the graphs compute exactly what the kept-input graphs compute.
+
 What is not captured runs the eager checkpointed layer, with one log line per reason: rows that are not packed,
 a KV cache or a mask, hooks on the layer (accelerate's offloading, transformers' output recording), dropout in
-training, checkpointing functions other than torch's (offloaded checkpointing), a second forward before the first
-one's backward, a capture that fails. The layer's outputs are views of the graphs' static buffers, valid until
-the layer's next training forward: the decoder loop consumes each at once.
+training, checkpointing functions other than torch's and fastsft's offloaded one, a second forward before the
+first one's backward, a capture that fails. The layer's outputs are views of the graphs' static buffers, valid
+until the layer's next training forward (with offloading: until the forward of the layer after next): the
+decoder loop consumes each at once.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.checkpoint import checkpoint
 
 from fastsft import _capture
+from fastsft.offload_checkpointing import OffloadedCheckpoint
 
 __all__ = ["CapturedLayers", "enable_captured_layers", "disable_captured_layers", "captured_layers_of"]
 
@@ -145,7 +154,7 @@ class _Call:
     """One decoder layer call taken apart: the hidden states, the packed-sequence arguments, the other keyword
     arguments as pytree leaves, and the key a graph captured for it must match."""
 
-    def __init__(self, function: functools.partial, args: tuple):
+    def __init__(self, function: functools.partial, args: tuple, offload_min_bytes: int | None = None):
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
             raise _NotCaptured("the layer was given positional arguments other than the hidden states")
         x = args[0]
@@ -174,7 +183,8 @@ class _Call:
                 raise _NotCaptured("a keyword tensor argument that needs a gradient")
         autocast = torch.is_autocast_enabled(x.device.type)
         self.autocast = (autocast, torch.get_autocast_dtype(x.device.type) if autocast else None)
-        self.key = (x.dtype, x.device, x.shape[2], self.spec, self.has_k, self.autocast,
+        self.offload_min_bytes = offload_min_bytes
+        self.key = (x.dtype, x.device, x.shape[2], self.spec, self.has_k, self.autocast, offload_min_bytes,
                     tuple(_describe(leaf, self.n) for leaf in self.leaves))
 
 
@@ -195,6 +205,15 @@ class _GraphSet:
         # grads[(i - 1) % 2], where layer i - 1 reads it: no copy between layers, two buffers for the whole stack
         self.grads = [torch.zeros(1, tokens, hidden, dtype=call.x.dtype, device=device) for _ in range(2)]
         self.first_input = torch.zeros(1, tokens, hidden, dtype=call.x.dtype, device=device)
+        token_bytes = tokens * hidden * call.x.element_size()
+        self.offload = call.offload_min_bytes is not None and token_bytes >= call.offload_min_bytes
+        if self.offload:
+            # layer i writes outputs[i % 2] and recomputes from recompute_inputs[i % 2]
+            self.outputs = [torch.zeros_like(self.first_input) for _ in range(2)]
+            self.recompute_inputs = [torch.zeros_like(self.first_input) for _ in range(2)]
+            self.holds = [None, None]  # (forward, layer index) whose input each recompute buffer holds
+            self.fetched: list = [None, None]  # the event of the copy into each recompute buffer
+            self.read_events: dict[int, object] = {}  # data_ptr -> the event of the copy to the host reading it
         self.slots: list[_Slot] = []
         self.layers: dict[int, _LayerGraphs] = {}  # id(layer) -> its graphs
         self.pending: list[weakref.ref] = []  # forwards awaiting their backward
@@ -203,8 +222,51 @@ class _GraphSet:
         self.sources_alive: list = []  # keeps those tensors' ids from being reused in that forward
         if graphs == "cuda":
             self.pool, self.stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+            self.copy_stream = torch.cuda.Stream(device) if self.offload else None
         else:
-            self.pool = self.stream = None
+            self.pool = self.stream = self.copy_stream = None
+
+    # -- offloading: all of it between replays, on the copy stream, ordered by events (no host sync) --
+
+    def offload_input(self, layer: _LayerGraphs) -> None:
+        """Copy ``layer``'s input (complete on the current stream) to its host buffer."""
+        if self.copy_stream is None:
+            layer.host.copy_(layer.input)
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.copy_stream):
+            layer.host.copy_(layer.input, non_blocking=True)
+            self.read_events[layer.input.data_ptr()] = self.copy_stream.record_event()
+
+    def before_write(self, buffer: torch.Tensor) -> None:
+        """Make the current stream wait until a copy to the host reading ``buffer`` is done."""
+        event = self.read_events.pop(buffer.data_ptr(), None)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def fetch(self, layer: _LayerGraphs) -> None:
+        """Start copying ``layer``'s input back into its recompute buffer, once the work queued so far on the
+        current stream (the backward that last read that buffer) is done."""
+        b = layer.index % 2
+        if self.copy_stream is None:
+            self.recompute_inputs[b].copy_(layer.host)
+        else:
+            self.copy_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.copy_stream):
+                self.recompute_inputs[b].copy_(layer.host, non_blocking=True)
+                self.fetched[b] = self.copy_stream.record_event()
+        self.holds[b] = (self.generation, layer.index)
+
+    def restore(self, layer: _LayerGraphs) -> None:
+        """``layer``'s input in its recompute buffer for the current stream, and the previous layer's on its way."""
+        b = layer.index % 2
+        if self.holds[b] != (self.generation, layer.index):
+            self.fetch(layer)
+        event, self.fetched[b] = self.fetched[b], None
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+        if layer.previous is not None:
+            self.fetch(layer.previous)
 
     def fits(self, call: _Call) -> bool:
         return (call.key == self.key and call.n <= self.T and call.longest <= self.L
@@ -279,7 +341,7 @@ class _LayerGraphs:
     """One decoder layer's forward and backward graphs, on its set's static buffers."""
 
     def __init__(self, gs: _GraphSet, layer, function: functools.partial, call: _Call, index: int, previous):
-        self.gs, self.index = gs, index
+        self.gs, self.index, self.previous = gs, index, previous
         self.parameter_check = _ParameterCheck(layer)
         self.modules = list(layer.modules())
         self.params = _trainable(layer)
@@ -289,6 +351,15 @@ class _LayerGraphs:
         self.input = previous.output if chained else (gs.first_input if index == 0 else
                                                        torch.zeros_like(gs.first_input))
         self.chained = chained
+        if gs.offload:
+            self.host = torch.empty(self.input.shape, dtype=self.input.dtype, pin_memory=gs.copy_stream is not None)
+            self.recompute_input = gs.recompute_inputs[index % 2]
+            out_buffer = gs.outputs[index % 2]
+            if gs.copy_stream is not None:
+                # the warm-up run before the capture writes out_buffer, which a copy to the host may still read
+                torch.cuda.current_stream().wait_stream(gs.copy_stream)
+        else:
+            self.recompute_input, out_buffer = self.input, None
         self.grad_in = gs.grads[index % 2]
         self.grad_out = gs.grads[(index - 1) % 2]
         statics = [s.buffer if isinstance(s, _Slot) else s for s in self.slots]
@@ -315,11 +386,14 @@ class _LayerGraphs:
 
         def forward():
             with torch.no_grad():
-                return run(self.input)
+                out = run(self.input)
+                if out_buffer is None:
+                    return out
+                return out_buffer.copy_(out)
 
         def backward():
             with torch.enable_grad():
-                x = self.input.detach().requires_grad_(True)
+                x = self.recompute_input.detach().requires_grad_(True)
                 grads = torch.autograd.grad(run(x), [x, *self.params], self.grad_in, allow_unused=True)
             self.grad_out.copy_(grads[0])
             return list(grads[1:])
@@ -333,9 +407,14 @@ class _LayerGraphs:
         if x.data_ptr() != self.input.data_ptr() or x.stride() != self.input.stride():
             if self.chained:
                 raise _NotCaptured("the layer was given a tensor other than the previous layer's output")
+            if self.gs.offload:
+                self.gs.before_write(self.input)
             self.input[:, :n].copy_(x)
             if n < self.gs.T:
                 self.input[:, n:].zero_()
+        if self.gs.offload:
+            self.gs.offload_input(self)
+            self.gs.before_write(self.output)
         self.forward_graph.replay()
         return self.output[:, :n]
 
@@ -344,6 +423,8 @@ class _LayerGraphs:
             self.grad_in[:, :n].copy_(grad)
             if n < self.gs.T:
                 self.grad_in[:, n:].zero_()
+        if self.gs.offload:
+            self.gs.restore(self)
         self.backward_graph.replay()
         dx = self.grad_out[:, :n]
         # the first layer's input gradient leaves the stack (embeddings, a leaf's .grad): a tensor of its own
@@ -404,8 +485,14 @@ def _layer_reason(modules) -> str | None:
     return None
 
 
-def _plain_checkpoint(inner) -> bool:
-    return isinstance(inner, functools.partial) and inner.func is checkpoint
+def _checkpoint_kind(inner) -> tuple[bool, int | None]:
+    """``(capturable, offload_min_bytes)`` of a layer's checkpointing function: torch's checkpoint (None: nothing
+    offloaded) or fastsft's offloaded checkpointing (its size threshold)."""
+    if not isinstance(inner, functools.partial):
+        return False, None
+    if isinstance(inner.func, OffloadedCheckpoint):
+        return True, inner.func.min_bytes
+    return inner.func is checkpoint, None
 
 
 class _CapturedCheckpoint:
@@ -516,12 +603,13 @@ class CapturedLayers:
 
     def run(self, layer, inner, function, args):
         try:
-            if not _plain_checkpoint(inner):
+            capturable, offload_min_bytes = _checkpoint_kind(inner)
+            if not capturable:
                 raise _NotCaptured(f"the layers checkpoint with {getattr(inner, 'func', inner)!r}, not "
-                                   f"torch.utils.checkpoint (offloaded checkpointing runs eagerly)")
+                                   f"torch.utils.checkpoint or fastsft's offloaded checkpointing")
             if args and isinstance(args[0], torch.Tensor) and args[0].device.type != "cuda" and self.graphs == "cuda":
                 raise _NotCaptured(f"the model is on {args[0].device.type}, not a CUDA device")
-            call = _Call(function, args)
+            call = _Call(function, args, offload_min_bytes)
             graphs = self._graphs_for(layer, function, call)
             out = _Replay.apply(graphs, call.n, call.x, *graphs.params)
         except _NotCaptured as exc:
@@ -590,7 +678,8 @@ class CapturedLayers:
 
     def summary(self) -> str:
         gs = self.set
-        shape = f"{gs.T} tokens, {gs.S} sequences of at most {gs.L}" if gs is not None else "nothing captured"
+        shape = (f"{gs.T} tokens, {gs.S} sequences of at most {gs.L}{', inputs offloaded' if gs.offload else ''}"
+                 if gs is not None else "nothing captured")
         eager = "; ".join(f"{why} ({count}x)" for why, count in self.reasons.items())
         return (f"captured layers: {shape}; {self.stats['replayed']} layer calls replayed, {self.stats['eager']} "
                 f"eager{': ' + eager if eager else ''}")

@@ -153,11 +153,16 @@ def test_sequence_boundaries_with_the_padding_split_into_sequences_of_at_most_th
     assert seen == [[0, 5, 13, 16, 24, 32, 40] + [40] * (s + 1 - 7)]
 
 
-@pytest.mark.parametrize("case", ["dense rows", "hooks", "dropout", "offloaded checkpointing"])
+def _own_checkpoint(function, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["dense rows", "hooks", "dropout", "another checkpointing function"])
 def test_what_cannot_be_captured_runs_the_eager_layers(case, caplog):
     model = lora_model(dropout=0.1 if case == "dropout" else 0.0)
-    if case == "offloaded checkpointing":
-        fastsft.enable_offloaded_checkpointing(model)
+    if case == "another checkpointing function":
+        for layer in model.get_base_model().model.layers:
+            layer._gradient_checkpointing_func = _own_checkpoint
     layers = cl.enable_captured_layers(model, graphs="emulated")
     if case == "hooks":
         model.get_base_model().model.layers[1].mlp.register_forward_hook(lambda *a: None)
@@ -168,11 +173,61 @@ def test_what_cannot_be_captured_runs_the_eager_layers(case, caplog):
     with caplog.at_level(logging.WARNING, logger="fastsft.captured_layers"):
         model(**batch).loss.backward()
     expected = {"dense rows": "only packed rows", "hooks": "hooks on", "dropout": "dropout (p=0.1)",
-                "offloaded checkpointing": "offloaded checkpointing runs eagerly"}[case]
+                "another checkpointing function": "not torch.utils.checkpoint or fastsft's offloaded"}[case]
     assert any(expected in why for why in layers.reasons), layers.reasons
     assert layers.stats["eager"] >= 1
     if case != "hooks":
         assert layers.stats["replayed"] == 0
+
+
+def run_offloaded(lengths_list, *, captured: dict | None, min_bytes=0, accumulate=1):
+    model = lora_model()
+    offloader = fastsft.enable_offloaded_checkpointing(model, min_bytes=min_bytes)
+    layers = cl.enable_captured_layers(model, graphs="emulated", **captured) if captured is not None else None
+    batches = [packed_batch(lengths, seed=i) for i, lengths in enumerate(lengths_list)]
+    return train(model, batches, accumulate=accumulate), layers, offloader
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_offloaded_checkpointing_is_captured_with_two_output_buffers_and_the_inputs_on_the_host(accumulate):
+    expected, _, _ = run(BATCHES, captured=None, accumulate=accumulate)
+    eager_offloaded, _, offloader = run_offloaded(BATCHES, captured=None, accumulate=accumulate)
+    assert offloader.stats["offloaded"] > 0
+    got, layers, offloader = run_offloaded(BATCHES, captured={"token_budget": 32, "max_length": 16},
+                                           accumulate=accumulate)
+    assert_same_training(eager_offloaded, expected)
+    assert_same_training(got, expected)
+    gs = layers.set
+    assert gs.offload and layers.stats["replayed"] == LAYERS * len(BATCHES) and layers.stats["eager"] == 0
+    assert "inputs offloaded" in layers.summary()
+    graphs = list(gs.layers.values())
+    # the layers' outputs take turns in two buffers; what a layer recomputes from is its host copy
+    assert {g.output.data_ptr() for g in graphs} == {b.data_ptr() for b in gs.outputs}
+    assert {g.recompute_input.data_ptr() for g in graphs} == {b.data_ptr() for b in gs.recompute_inputs}
+    assert all(g.host.device.type == "cpu" and g.host.shape == (1, 32, g.input.shape[2]) for g in graphs)
+    assert offloader.stats["offloaded"] == 0  # the eager offloader never ran
+
+
+def test_a_recompute_buffer_holding_another_layer_is_fetched_again():
+    """Backward out of the decoder order (here: the last layer's backward run twice) still recomputes each layer
+    from its own input."""
+    (losses, _), layers, _ = run_offloaded([[7, 5, 9]], captured={"token_budget": 32, "max_length": 16})
+    gs = layers.set
+    last, first = list(gs.layers.values())[-1], list(gs.layers.values())[0]
+    assert gs.holds[first.index % 2] == (gs.generation, first.index)
+    gs.restore(list(gs.layers.values())[2 % LAYERS])  # layer 2 shares layer 0's recompute buffer
+    assert gs.holds[first.index % 2] == (gs.generation, 2)
+    gs.restore(first)
+    torch.testing.assert_close(gs.recompute_inputs[0], first.host)
+    assert last.index == LAYERS - 1
+
+
+def test_offloaded_checkpointing_below_its_size_threshold_is_captured_keeping_the_inputs():
+    expected, _, _ = run(BATCHES, captured=None)
+    got, layers, _ = run_offloaded(BATCHES, captured={"token_budget": 32, "max_length": 16}, min_bytes=1 << 20)
+    assert_same_training(got, expected)
+    assert not layers.set.offload and layers.stats["replayed"] == LAYERS * len(BATCHES)
+    assert len({g.output.data_ptr() for g in layers.set.layers.values()}) == LAYERS
 
 
 def test_a_second_forward_before_the_first_backward_runs_eagerly():
@@ -259,12 +314,15 @@ def test_on_the_cpu_cuda_graphs_leave_the_layers_eager_with_the_reason():
 # --- GPU ---------------------------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
-def test_cuda_graphs_train_like_the_eager_layers():
+@pytest.mark.parametrize("offload", [False, True])
+def test_cuda_graphs_train_like_the_eager_layers(offload):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
 
     def go(captured):
         model = lora_model(device="cuda")
+        if offload:
+            fastsft.enable_offloaded_checkpointing(model, min_bytes=0)
         layers = cl.enable_captured_layers(model, token_budget=64, max_length=32) if captured else None
         batches = [packed_batch(lengths, seed=i, device="cuda") for i, lengths in enumerate(BATCHES)]
         return train(model, batches), layers
@@ -273,16 +331,19 @@ def test_cuda_graphs_train_like_the_eager_layers():
     got, layers = go(True)
     assert_same_training(got, expected, tol=1e-5)
     assert layers.stats["replayed"] == LAYERS * len(BATCHES) and layers.stats["eager"] == 0, layers.summary()
-    assert layers.captures == 1
+    assert layers.captures == 1 and layers.set.offload == offload
 
 
 @pytest.mark.gpu
-def test_no_host_sync_in_replayed_layers():
+@pytest.mark.parametrize("offload", [False, True])
+def test_no_host_sync_in_replayed_layers(offload):
     """The decoder loop over replayed layers, forward and backward, under the sync debug mode "error" (the
     backbone's own mask preparation, which reads the position ids on the host, stays outside)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     model = lora_model(device="cuda")
+    if offload:
+        fastsft.enable_offloaded_checkpointing(model, min_bytes=0)
     layers = cl.enable_captured_layers(model, token_budget=64, max_length=32)
     for lengths in BATCHES[:2]:  # the first captures
         model(**packed_batch(lengths, device="cuda")).loss.backward()
@@ -317,8 +378,8 @@ def _trainer(tmp_path, capture_layers, **config):
 
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-3,
                          max_length=64, logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=True,
-                         disable_tqdm=True, gradient_checkpointing=True,
-                         gradient_checkpointing_kwargs={"use_reentrant": False}, **config)
+                         disable_tqdm=True, gradient_checkpointing_kwargs={"use_reentrant": False},
+                         **{"gradient_checkpointing": True, **config})
     return fastsft.SFTTrainer(model=demo_model(**SMALL_DEMO), args=args, train_dataset=demo_dataset(40),
                               processing_class=demo_tokenizer(), capture_layers=capture_layers,
                               peft_config=LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False))
@@ -340,6 +401,20 @@ def test_sft_trainer_packing_replays_the_layers_with_the_eager_losses(tmp_path):
     assert layers.captures == 1
 
 
+def test_sft_trainer_with_offloaded_checkpointing_replays_the_layers(tmp_path):
+    eager = _trainer(tmp_path / "eager", False, packing=True)
+    eager.train()
+    trainer = _trainer(tmp_path / "offloaded", {"graphs": "emulated"}, packing=True, gradient_checkpointing="offload")
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    expected = [log["loss"] for log in eager.state.log_history if "loss" in log]
+    assert losses == pytest.approx(expected, rel=1e-6) and len(losses) == 4
+    layers = trainer.captured_layers
+    assert layers.stats["replayed"] == 4 * trainer.model.config.num_hidden_layers and not layers.reasons
+    inner = trainer.model.get_base_model().model.layers[0]._gradient_checkpointing_func.inner
+    assert isinstance(inner.func, fastsft.offload_checkpointing.OffloadedCheckpoint)
+
+
 def test_sft_trainer_without_packing_leaves_the_layers_eager(tmp_path):
     assert _trainer(tmp_path, True).captured_layers is None  # padded rows: nothing to capture
     with pytest.raises(TypeError, match="capture_layers"):
@@ -357,3 +432,38 @@ def test_a_parameter_replaced_after_the_capture_sends_the_layer_to_the_eager_pat
     # the next layer reads its input from that layer's graph output: given the eager output, it runs eagerly too
     assert "the layer was given a tensor other than the previous layer's output" in layers.reasons
     assert layers.stats["replayed"] == 2 * LAYERS - 2
+
+
+def test_sft_trainer_offloads_the_captured_layers_inputs_by_default_and_keeps_them_when_told(tmp_path):
+    from fastsft import SFTConfig
+    from fastsft.offload_checkpointing import OffloadedCheckpoint
+
+    def offloader_of(trainer):
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        func = trainer.model.get_base_model().model.layers[0]._gradient_checkpointing_func
+        return isinstance(func.func, OffloadedCheckpoint)
+
+    captured = _trainer(tmp_path / "a", {"graphs": "emulated"}, packing=True)
+    assert captured.offloaded_checkpointing and offloader_of(captured)
+    eager = _trainer(tmp_path / "b", False, packing=True)  # eager layers: their inputs stay on the device
+    assert not eager.offloaded_checkpointing and not offloader_of(eager)
+    padded = _trainer(tmp_path / "c", True)
+    assert padded.captured_layers is None and not padded.offloaded_checkpointing
+
+    import fastsft as fs
+    from peft import LoraConfig
+
+    from fastsft.demo_assets import demo_dataset, demo_model, demo_tokenizer
+    from helpers import SMALL_DEMO
+
+    config = SFTConfig(output_dir=str(tmp_path / "d"), max_steps=1, per_device_train_batch_size=2, max_length=64,
+                       report_to="none", use_cpu=True, packing=True, gradient_checkpointing=True,
+                       gradient_checkpointing_offload=False)
+    kept = fs.SFTTrainer(model=demo_model(**SMALL_DEMO), args=config, train_dataset=demo_dataset(8),
+                         processing_class=demo_tokenizer(), peft_config=LoraConfig(r=8),
+                         capture_layers={"graphs": "emulated"})
+    assert kept.captured_layers is not None and not kept.offloaded_checkpointing and not offloader_of(kept)
+    with pytest.raises(ValueError, match="gradient_checkpointing_offload=False"):
+        SFTConfig(output_dir=str(tmp_path), gradient_checkpointing="offload", gradient_checkpointing_offload=False)
+    with pytest.raises(TypeError, match="True, False or None"):
+        SFTConfig(output_dir=str(tmp_path), gradient_checkpointing_offload="yes")

@@ -43,7 +43,8 @@ class FastsftArguments:
     fastsft_capture_layers: bool = field(default=True, metadata={"help": "run the checkpointed decoder layers of "
                                                                          "packed steps as CUDA graphs"})
     fastsft_offload: bool = field(default=False, metadata={"help": "offloaded gradient checkpointing (the layer "
-                                                                   "inputs wait in CPU memory)"})
+                                                                   "inputs wait in CPU memory) also where the "
+                                                                   "layers are not captured"})
     fastsft_plot: bool = field(default=True, metadata={"help": "write loss.png into the output folder"})
 
 

@@ -61,16 +61,25 @@ class SFTConfig(trl.SFTConfig):
 
     ``gradient_checkpointing="offload"``: offloaded checkpointing (:mod:`fastsft.offload_checkpointing`). TRL and
     transformers see ``gradient_checkpointing=True``; ``gradient_checkpointing_offload`` is then True.
+    ``gradient_checkpointing_offload``: True or False says it outright; None (the default) lets
+    :class:`fastsft.SFTTrainer` decide: offloaded where the decoder layers are captured (packing), where it
+    measured as fast, and on the device otherwise.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, gradient_checkpointing_offload: bool | None = None, **kwargs):
         kwargs = map_config_kwargs(kwargs, "SFTConfig")
+        if gradient_checkpointing_offload not in (None, True, False):
+            raise TypeError(f"SFTConfig(gradient_checkpointing_offload=...) takes True, False or None, got "
+                            f"{gradient_checkpointing_offload!r}")
         offload = _is_offload(kwargs.get("gradient_checkpointing"), kwargs.get("gradient_checkpointing_kwargs"),
                               "SFTConfig")
         if offload:
+            if gradient_checkpointing_offload is False:
+                raise ValueError("SFTConfig: gradient_checkpointing='offload' with gradient_checkpointing_offload="
+                                 "False")
             kwargs["gradient_checkpointing"] = True
         super().__init__(*args, **kwargs)
-        self.gradient_checkpointing_offload = offload
+        self.gradient_checkpointing_offload = True if offload else gradient_checkpointing_offload
 
 
 def _is_offload(gradient_checkpointing, gradient_checkpointing_kwargs, where: str) -> bool:
@@ -89,14 +98,16 @@ def _is_offload(gradient_checkpointing, gradient_checkpointing_kwargs, where: st
 
 def take_offload(args):
     """``(args, offload)``: whether ``args`` asks for offloaded checkpointing (a :class:`SFTConfig` that did, or
-    the string ``"offload"`` on any config), with the string replaced by True in a copy for TRL."""
+    the string ``"offload"`` on any config: True), says no (``gradient_checkpointing_offload=False``: False) or
+    leaves it to the trainer (None), with the string replaced by True in a copy for TRL."""
     if args is None:
-        return args, False
-    if getattr(args, "gradient_checkpointing_offload", False):
+        return args, None
+    said = getattr(args, "gradient_checkpointing_offload", None)
+    if said:
         _is_offload("offload", args.gradient_checkpointing_kwargs, "SFTTrainer: args")
         return args, True
     if not _is_offload(args.gradient_checkpointing, args.gradient_checkpointing_kwargs, "SFTTrainer: args"):
-        return args, False
+        return args, said
     args = copy.copy(args)  # the caller's config object is left as it was
     args.gradient_checkpointing = True
     return args, True

@@ -12,6 +12,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 from fastsft import patching
 from fastsft.captured_layers import enable_captured_layers
 from fastsft.callbacks import ThroughputCallback
+from fastsft.memory import MemoryBreakdown, memory_breakdown
 from fastsft.offload_checkpointing import offload_on_enable
 from fastsft.trainer.arguments import map_trainer_kwargs, take_offload
 from fastsft.trainer.ddp import lora_ddp_settings
@@ -27,13 +28,18 @@ class SFTTrainer(trl.SFTTrainer):
     """``trl.SFTTrainer`` that patches the model with :func:`fastsft.patch` (a model object, a PEFT model, or a
     path/hub id that TRL loads). ``patch``: ``True`` (default switches), ``False`` (plain TRL), or a dict of
     :func:`fastsft.patch` keyword arguments. The report is ``trainer.patch_report`` (None when not patched).
-    ``gradient_checkpointing="offload"`` in ``args`` offloads the checkpointed layer inputs to CPU memory.
+    ``gradient_checkpointing="offload"`` in ``args`` offloads the checkpointed layer inputs to CPU memory, and
+    ``gradient_checkpointing_offload=False`` keeps them on the device; by default they are offloaded when the
+    layers are captured (below) and kept otherwise. ``trainer.offloaded_checkpointing`` says which.
 
     ``capture_layers``: with packing into padding-free batches and gradient checkpointing (TRL's defaults for
     ``packing=True``), the checkpointed decoder layers run as CUDA graphs, captured at the first step for the
     batch's token budget (``per_device_train_batch_size * max_length``) and replayed at every step
     (:mod:`fastsft.captured_layers`); ``False`` keeps them eager; a dict passes options to
     :func:`fastsft.enable_captured_layers`. The object is ``trainer.captured_layers`` (None when off).
+
+    At the end of ``train()`` the peak memory and what of it the weights, adapters, gradients and optimizer state
+    hold are logged and kept as ``trainer.memory_report`` (:func:`fastsft.memory.memory_breakdown`).
 
     transformers' NaN/inf loss filter and ``num_input_tokens_seen`` are computed without reading the device after
     each micro-batch (:mod:`fastsft.trainer.syncs`): the same logged values; ``args.logging_nan_inf_filter`` is
@@ -63,13 +69,16 @@ class SFTTrainer(trl.SFTTrainer):
         self._loss_filter, self._token_count = LossFilter(self), DeferredTokenCount()
         flow = next((i for i, c in enumerate(self.callback_handler.callbacks) if isinstance(c, DefaultFlowCallback)), 0)
         self.callback_handler.callbacks.insert(flow + 1, TokenCountCallback(self))
-        if offload:
-            # transformers' Trainer enables checkpointing in train(), not here: the offloading is installed by that
-            # call (and any later one)
-            offload_on_enable(self.model)
         if patch is not False:
             self.patch_report = install_after_trl(patching.causal_lm_of(self.model), self.patch_report, switches)
         self.captured_layers = self._capture_layers(capture_layers)
+        # by default the captured layers' inputs wait in host memory (as fast, less memory; docs/settings.md)
+        self.offloaded_checkpointing = offload if offload is not None else self.captured_layers is not None
+        if self.offloaded_checkpointing:
+            # transformers' Trainer enables checkpointing in train(), not here: the offloading is installed by that
+            # call (and any later one)
+            offload_on_enable(self.model)
+        self.memory_report: MemoryBreakdown | None = None  # set at the end of train()
 
     def _capture_layers(self, capture_layers: bool | dict):
         if not isinstance(capture_layers, (bool, dict)):
@@ -89,6 +98,9 @@ class SFTTrainer(trl.SFTTrainer):
         result = super().train(*args, **kwargs)
         if self.captured_layers is not None:
             logger.info("fastsft %s", self.captured_layers.summary())
+        # the peak since train() began (ThroughputCallback resets it) and what of it lives through the run
+        self.memory_report = memory_breakdown(self.model, self.optimizer)
+        logger.info("fastsft %s", self.memory_report.summary())
         return result
 
     def training_step(self, model, inputs, num_items_in_batch=None):
