@@ -26,6 +26,7 @@ _LAZY = {
     "enable_offloaded_checkpointing": "fastsft.offload_checkpointing",
     "disable_offloaded_checkpointing": "fastsft.offload_checkpointing",
     "enable_captured_layers": "fastsft.captured_layers",
+    "memory_breakdown": "fastsft.memory",
     "disable_captured_layers": "fastsft.captured_layers",
     "enable_tiled_mlp": "fastsft.tiled_mlp",
     "disable_tiled_mlp": "fastsft.tiled_mlp",
