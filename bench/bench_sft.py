@@ -57,8 +57,10 @@ MODELS = {
 }
 # Unsloth last: when a run is stopped at a time cap, the rows written before (after every provider) are kept.
 PROVIDERS = ("trl", "trl-liger", "fastsft", "unsloth")
-# also runnable: fastsft with its decoder layers eager (no captured graphs), the step the graphs replace
-EXTRA_PROVIDERS = ("fastsft-eager",)
+# also runnable: fastsft with its decoder layers eager (no captured graphs, the layer inputs on the device), the
+# step the graphs replace; and fastsft with the captured layers' inputs kept on the device, not offloaded
+EXTRA_PROVIDERS = ("fastsft-eager", "fastsft-on-device")
+FASTSFT_PROVIDERS = ("fastsft", *EXTRA_PROVIDERS)
 UNSLOTH_SITE_ENV = "FASTSFT_UNSLOTH_SITE"
 UNSLOTH_VERSIONS = ("unsloth", "unsloth-zoo", "trl", "transformers", "peft", "datasets", "bitsandbytes")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -178,11 +180,13 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
     from peft import LoraConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fastsft_options = {}
-    if provider in ("fastsft", "fastsft-eager"):
+    fastsft_options, config_options = {}, {}
+    if provider in FASTSFT_PROVIDERS:
         from fastsft import SFTConfig, SFTTrainer
 
-        fastsft_options["capture_layers"] = provider == "fastsft"
+        fastsft_options["capture_layers"] = provider != "fastsft-eager"
+        if provider == "fastsft-on-device":
+            config_options["gradient_checkpointing_offload"] = False
     else:
         from trl import SFTConfig, SFTTrainer
     rank = getattr(a, "rank", 16)
@@ -204,7 +208,7 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
         gradient_checkpointing_kwargs={"use_reentrant": False} if a.checkpointing and provider != "unsloth" else None,
         packing=a.packing, max_length=a.max_length, include_num_input_tokens_seen="non_padding",
         use_liger_kernel=provider == "trl-liger", dataloader_num_workers=0, seed=0, data_seed=0,
-        optim=getattr(a, "optim", DEFAULT_OPTIM))
+        optim=getattr(a, "optim", DEFAULT_OPTIM), **config_options)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data,
                          processing_class=make_tokenizer(model.config.vocab_size), peft_config=lora,
                          callbacks=callbacks, **fastsft_options)
@@ -235,11 +239,15 @@ def run_one(provider: str, a: argparse.Namespace) -> dict:
               "tokens_per_s": (n1 - n0) / (t1 - t0), "first_losses": losses[:5], **step_times(timed)}
     if torch.cuda.is_available():
         result["peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+        # CUDA graphs replay in pools the allocator counts as reserved, not allocated: both are shown
+        result["peak_reserved_GiB"] = torch.cuda.max_memory_reserved() / 2**30
     if provider == "unsloth":  # its own site's versions, not the run's (the environment of the result file)
         result["versions"] = package_versions(UNSLOTH_VERSIONS)
-    if provider in ("fastsft", "fastsft-eager"):
+    if provider in FASTSFT_PROVIDERS:
         from fastsft import backends
 
+        if trainer.memory_report is not None:
+            result["memory"] = trainer.memory_report.as_dict()
         if trainer.captured_layers is not None:
             result["captured_layers"] = trainer.captured_layers.summary()
         # a kernel that failed fell back to a slower backend: the row must say so, not just a warning in a log
@@ -445,6 +453,7 @@ def write_results(rows: list[dict], a: argparse.Namespace, name: str, flop: dict
     harness.write(rows, a.out, name,
                   ["provider", "model", "packing", "qlora", "batch", "max_length", "tokens_per_s",
                    "median_step_tokens_per_s", "step_ms_median", "step_ms_max", "mfu", "hfu", "peak_GiB",
+                   "peak_reserved_GiB",
                    "first_losses", "wall_s", "error", *skipped],
                   f"SFT end to end: {a.model}{', QLoRA' if a.qlora else ''}, "
                   f"{'packing' if a.packing else 'no packing'}, batch {a.batch}, max_length {a.max_length}, LoRA r=16, "

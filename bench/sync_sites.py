@@ -86,7 +86,7 @@ def callback(recorder: SyncRecorder, first_step: int):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(bench_sft.MODELS), default="llama-1b")
-    parser.add_argument("--provider", choices=["fastsft", "fastsft-eager", "trl"], default="fastsft")
+    parser.add_argument("--provider", choices=[*bench_sft.FASTSFT_PROVIDERS, "trl"], default="fastsft")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", dest="max_length", type=int, default=2048)
     parser.add_argument("--warmup", type=int, default=2)
