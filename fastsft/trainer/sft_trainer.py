@@ -71,21 +71,25 @@ class SFTTrainer(trl.SFTTrainer):
         self.callback_handler.callbacks.insert(flow + 1, TokenCountCallback(self))
         if patch is not False:
             self.patch_report = install_after_trl(patching.causal_lm_of(self.model), self.patch_report, switches)
-        self.captured_layers = self._capture_layers(capture_layers)
+        captured = self._captures_layers(capture_layers)
         # by default the captured layers' inputs wait in host memory (as fast, less memory; docs/settings.md)
-        self.offloaded_checkpointing = offload if offload is not None else self.captured_layers is not None
+        self.offloaded_checkpointing = offload if offload is not None else captured
         if self.offloaded_checkpointing:
             # transformers' Trainer enables checkpointing in train(), not here: the offloading is installed by that
-            # call (and any later one)
+            # call (and any later one); before the capture, which wraps the checkpointing function it finds
             offload_on_enable(self.model)
+        self.captured_layers = self._capture_layers(capture_layers) if captured else None
         self.memory_report: MemoryBreakdown | None = None  # set at the end of train()
 
-    def _capture_layers(self, capture_layers: bool | dict):
+    def _captures_layers(self, capture_layers: bool | dict) -> bool:
         if not isinstance(capture_layers, (bool, dict)):
             raise TypeError(f"SFTTrainer(capture_layers=...) takes a bool or a dict of enable_captured_layers "
                             f"options, got {type(capture_layers).__name__}")
-        if capture_layers is False or not getattr(self, "padding_free", False) or not self.args.gradient_checkpointing:
-            return None  # rows that are not packed, or layers not checkpointed: nothing the graphs take
+        # rows that are not packed, or layers not checkpointed: nothing the graphs take
+        return bool(capture_layers is not False and getattr(self, "padding_free", False)
+                    and self.args.gradient_checkpointing)
+
+    def _capture_layers(self, capture_layers: bool | dict):
         options = capture_layers if isinstance(capture_layers, dict) else {}
         length = self.args.max_length
         if length is not None:
