@@ -29,7 +29,8 @@ SKIP_METRICS = {"ms_p20", "ms_p80", "matmul_tflops", "floor_ms", "wall_s", "copy
                 "gflop_per_token", "hardware_gflop_per_token"}
 # Measured values that are not one number (each step's time, the first losses, fallbacks): not part of a row's
 # configuration, so two runs of one configuration match in --compare.
-MEASURED_OTHER = {"step_ms", "first_losses", "fallbacks", "error"}
+MEASURED_OTHER = {"step_ms", "first_losses", "fallbacks", "error", "memory", "captured_layers", "versions",
+                  "categories_GiB", "trainer_report"}
 HEADLINE = {"file": "sft_llama-8b_packing.json", "provider": "fastsft", "tokens_per_s": 11_000, "peak_GiB": 16.0}
 
 

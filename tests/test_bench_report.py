@@ -80,3 +80,9 @@ def test_plot_titles_name_the_card_and_commit(tmp_path, monkeypatch):
     rows = [{"provider": "a", "tokens": 1024, "ms": 0.1}, {"provider": "a", "tokens": 16384, "ms": 20.0}]
     report.plot("kernels_attention", rows, tmp_path, {"card": "NVIDIA H200", "commit": "the-commit"})
     assert titles == ["kernels attention (NVIDIA H200, commit the-commit)"]
+
+
+def test_case_labels_leave_out_measured_values_that_are_not_numbers():
+    rows = [{"provider": "fastsft", "memory": {"weights": 1.0}, "captured_layers": "4096 tokens", "batch": 2},
+            {"provider": "unsloth", "versions": {"trl": "1.15.0"}, "batch": 2}]
+    assert report.case_labels([report.split(r)[0] for r in rows]) == ["provider fastsft", "provider unsloth"]
