@@ -217,13 +217,21 @@ def _install(model: torch.nn.Module, offloader: OffloadedCheckpoint) -> None:
         func = module.__dict__.get("_gradient_checkpointing_func")
         if func is None:
             continue
+        # fastsft's captured layers wrap the function transformers set, keeping it as `inner`: offload that one
+        wrapper = func if isinstance(getattr(func, "inner", None), functools.partial) else None
+        if wrapper is not None:
+            func = wrapper.inner
         if not isinstance(func, functools.partial):
             raise TypeError(f"offloaded checkpointing: {type(module).__name__} checkpoints with {func!r}, not "
                             f"transformers' functools.partial(checkpoint, ...); cannot offload it")
         keywords = dict(func.keywords)
         _check_non_reentrant(keywords)
         keywords.pop("use_reentrant", None)
-        module._gradient_checkpointing_func = functools.partial(offloader, **keywords)
+        offloaded = functools.partial(offloader, **keywords)
+        if wrapper is not None:
+            wrapper.inner = offloaded
+        else:
+            module._gradient_checkpointing_func = offloaded
 
 
 def _check_non_reentrant(kwargs: dict) -> None:

@@ -208,6 +208,18 @@ def test_offloaded_checkpointing_is_captured_with_two_output_buffers_and_the_inp
     assert offloader.stats["offloaded"] == 0  # the eager offloader never ran
 
 
+def test_offloading_turned_on_after_the_capture_was_enabled_is_captured_too():
+    expected, _, _ = run(BATCHES, captured=None)
+    model = lora_model()
+    layers = cl.enable_captured_layers(model, graphs="emulated", token_budget=32, max_length=16)
+    model(**packed_batch([5, 7])).loss.backward()  # the layers' functions are wrapped now
+    model.zero_grad(set_to_none=True)
+    fastsft.enable_offloaded_checkpointing(model, min_bytes=0)
+    batches = [packed_batch(lengths, seed=i) for i, lengths in enumerate(BATCHES)]
+    assert_same_training(train(model, batches), expected)
+    assert layers.set.offload and not layers.reasons
+
+
 def test_a_recompute_buffer_holding_another_layer_is_fetched_again():
     """Backward out of the decoder order (here: the last layer's backward run twice) still recomputes each layer
     from its own input."""
