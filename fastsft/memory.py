@@ -10,11 +10,12 @@ Nothing here synchronizes with the device beyond reading the allocator's counter
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MemoryBreakdown", "memory_breakdown"]
+__all__ = ["MemoryBreakdown", "memory_breakdown", "persistent_tensors"]
 
 GIB = 1 << 30
 
@@ -30,7 +31,6 @@ class MemoryBreakdown:
     optimizer_state: int = 0
     peak_allocated: int | None = None
     peak_reserved: int | None = None
-    other: dict[str, int] = field(default_factory=dict)
 
     @property
     def persistent(self) -> int:
@@ -68,14 +68,31 @@ class MemoryBreakdown:
                 + f", the step's activations and workspaces {gib(self.step)}; allocator slack {gib(self.slack)}")
 
 
-def _storage_key(t: torch.Tensor):
-    return t.untyped_storage().data_ptr(), t.device
+def persistent_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(category, tensor)`` for what lives through a run: ``"adapters"`` (trainable parameters, first: a storage
+    shared with a frozen tensor counts as an adapter's), ``"weights"`` (frozen parameters and buffers),
+    ``"gradients"``, ``"optimizer_state"``. Shared storages come once per tensor; the caller counts each once."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"memory_breakdown: model must be a torch.nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not hasattr(optimizer, "state"):
+        raise TypeError(f"memory_breakdown: optimizer must be a torch optimizer (with .state), got "
+                        f"{type(optimizer).__name__}")
+    params = list(model.parameters())
+    yield from (("adapters", p) for p in params if p.requires_grad)
+    yield from (("weights", p) for p in params if not p.requires_grad)
+    yield from (("weights", b) for b in model.buffers())
+    yield from (("gradients", p.grad) for p in params if p.grad is not None)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            yield from (("optimizer_state", v) for v in state.values() if isinstance(v, torch.Tensor))
 
 
 def memory_breakdown(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                      device: torch.device | str | None = None) -> MemoryBreakdown:
     """The persistent tensors of ``model`` (and ``optimizer``) on ``device`` (default: the device of the model's
     first parameter), and on CUDA the allocator's peaks since ``torch.cuda.reset_peak_memory_stats``."""
+    tensors = list(persistent_tensors(model, optimizer))  # its argument checks first
     if device is None:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
@@ -83,30 +100,13 @@ def memory_breakdown(model: torch.nn.Module, optimizer: torch.optim.Optimizer | 
     report = MemoryBreakdown(device)
     seen = set()
 
-    def add(category: str, t: torch.Tensor | None) -> None:
-        if not isinstance(t, torch.Tensor) or t.device != device and not _same_cuda(t.device, device):
-            return
-        key = _storage_key(t)
-        if key in seen:
-            return
-        seen.add(key)
-        setattr(report, category, getattr(report, category) + t.untyped_storage().nbytes())
-
-    params = list(model.parameters())
-    for p in params:  # trainable first: a storage shared with a frozen tensor counts as an adapter's
-        if p.requires_grad:
-            add("adapters", p)
-    for p in params:
-        if not p.requires_grad:
-            add("weights", p)
-    for b in model.buffers():
-        add("weights", b)
-    for p in params:
-        add("gradients", p.grad)
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            for value in state.values():
-                add("optimizer_state", value)
+    for category, t in tensors:
+        if t.device != device and not _same_cuda(t.device, device):
+            continue
+        key = t.untyped_storage().data_ptr(), t.device
+        if key not in seen:
+            seen.add(key)
+            setattr(report, category, getattr(report, category) + t.untyped_storage().nbytes())
     if device.type == "cuda" and torch.cuda.is_available():
         report.peak_allocated = torch.cuda.max_memory_allocated(device)
         report.peak_reserved = torch.cuda.max_memory_reserved(device)

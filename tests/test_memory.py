@@ -67,3 +67,12 @@ def test_sft_trainer_logs_the_breakdown_at_the_end_of_training(tmp_path, caplog)
     assert report.adapters > 0 and report.gradients == 0  # the trainer zeroes gradients with set_to_none
     assert report.optimizer_state == pytest.approx(2 * report.adapters, rel=0.05)
     assert any("weights" in r.message and "optimizer state" in r.message for r in caplog.records)
+
+
+def test_bad_arguments_are_refused_with_the_reason():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        memory_breakdown("llama")
+    with pytest.raises(TypeError, match="optimizer must be a torch optimizer"):
+        memory_breakdown(torch.nn.Linear(2, 2), optimizer=[1, 2])
+    with pytest.raises(RuntimeError):
+        memory_breakdown(torch.nn.Linear(2, 2), device="nowhere")
