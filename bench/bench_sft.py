@@ -465,11 +465,12 @@ def write_results(rows: list[dict], a: argparse.Namespace, name: str, flop: dict
                                             "attention in-example pairs); hfu: plus checkpointing's recomputation"})
 
 
-def run_child(provider: str, argv, extra_args: list[str], env: dict | None = None) -> dict:
+def run_child(provider: str, argv, extra_args: list[str], env: dict | None = None,
+              module: str = "bench.bench_sft") -> dict:
     """One provider in its own process (a fresh CUDA context and allocator, no state from the others), with this
-    process's environment or ``env``."""
+    process's environment or ``env``: ``module``'s ``--single`` mode, which writes the row to ``--result-json``."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, "-m", "bench.bench_sft", *(argv if argv is not None else sys.argv[1:]), *extra_args,
+        cmd = [sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:]), *extra_args,
                "--single", provider, "--result-json", f.name]
         start = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env if env is not None else os.environ.copy())

@@ -32,7 +32,6 @@ import json
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 from bench import bench_sft, harness
 
@@ -121,18 +120,14 @@ def breakdown(snapshot: dict, known: dict[int, str], device: int = 0, start: dic
 
 
 def known_blocks(trainer) -> dict[int, str]:
-    """Addresses of the blocks of the model's weights and adapters and of the optimizer's state."""
+    """Addresses of the blocks of the model's weights and adapters and of the optimizer's state (gradients are
+    freed by the end of the run: autograd's, by frame)."""
+    from fastsft.memory import persistent_tensors
+
     known: dict[int, str] = {}
-    model = trainer.model
-    for p in model.parameters():
-        known.setdefault(p.untyped_storage().data_ptr(), "adapters" if p.requires_grad else "weights")
-    for b in model.buffers():
-        known.setdefault(b.untyped_storage().data_ptr(), "weights")
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
-    for state in optimizer.state.values():
-        for value in state.values():
-            if hasattr(value, "untyped_storage") and value.is_cuda:
-                known.setdefault(value.untyped_storage().data_ptr(), "optimizer state")
+    for category, t in persistent_tensors(trainer.model, trainer.optimizer):
+        if t.is_cuda and category != "gradients":
+            known.setdefault(t.untyped_storage().data_ptr(), category.replace("_", " "))
     return known
 
 
@@ -179,9 +174,8 @@ def main(argv=None) -> int:
             bench_sft._in_child(f"from bench.bench_sft import save_random_checkpoint; "
                                 f"save_random_checkpoint({a.model!r}, {tmp!r})")
         for provider in providers:
-            argv_child = [*(argv if argv is not None else sys.argv[1:])]
             extra = ["--checkpoint", tmp] if a.qlora else []
-            rows.append(_run_child(provider, argv_child + extra))
+            rows.append(bench_sft.run_child(provider, argv, extra, module="bench.memory_breakdown"))
     harness.write(rows, a.out, name, ["provider", "model", "qlora", "batch", "max_length", "peak_allocated_GiB",
                                       "peak_reserved_GiB", "graph_pools_GiB", "error"],
                   f"memory at the peak: {a.model}{', QLoRA' if a.qlora else ''}, batch {a.batch}, max_length "
@@ -201,21 +195,6 @@ def category_table(rows: list[dict]) -> str:
                   r["peak_GiB"] if c.startswith("peak") else r["graph_pools_GiB"] for r in rows]
         lines.append(f"| {c} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in values) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _run_child(provider: str, argv: list[str]) -> dict:
-    import subprocess
-
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, "-m", "bench.memory_breakdown", *argv, "--single", provider, "--result-json", f.name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-3000:])
-            return {"provider": provider, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])
-                    [-1][:300]}
-        row = json.loads(Path(f.name).read_text())
-        print(row, flush=True)
-        return row
 
 
 if __name__ == "__main__":
