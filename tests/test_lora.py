@@ -168,6 +168,50 @@ def test_mlp_float32_against_float64_reference(device, backend, activation, hidd
 
 
 @pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("tile_tokens", [4096, 5, 1], ids=["one-tile", "tiles-of-5", "tiles-of-1"])
+def test_mlp_gradients_only_against_float64_reference(device, backend, activation, tile_tokens):
+    """compute_output=False: zeros forward, and the plain MLP's gradients (every tile size, a ragged last tile)."""
+    hidden, inter, r = 40, 130, 8
+    x = (make_x((3, 7, hidden), torch.float32, device) * 2).detach().requires_grad_()
+    gate, up = (make_proj(hidden, inter, r, torch.float32, device) for _ in range(2))
+    down = make_proj(inter, hidden, r, torch.float32, device)
+    out = lora_mlp(x, gate, up, down, 2.0, activation, backend=backend, compute_output=False,
+                   tile_tokens=tile_tokens)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert not out.detach().any()
+    got_grads = grads_of(out, (x, *gate[1:], *up[1:], *down[1:]))[1]
+    xd = double(x)
+    gd, ud, dd = (tuple(map(double, p)) for p in (gate, up, down))
+    want_grads = grads_of(ref.lora_mlp(xd, gd, ud, dd, 2.0, activation), (xd, *gd[1:], *ud[1:], *dd[1:]))[1]
+    assert len(got_grads) == len(want_grads) == 7
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert_close(g, w, rtol=3e-5, name=f"lora_mlp gradients only, grad {i}")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_mlp_gradients_only_frozen_parts_and_no_input_grad(device, backend):
+    """Only the gradients asked for: a frozen adapter and an input without grad get none, the rest match."""
+    x = make_x((11, 24), torch.float32, device).detach()
+    gate, up = (make_proj(24, 36, 4, torch.float32, device) for _ in range(2))
+    down = make_proj(36, 24, 4, torch.float32, device, grad=False)
+    out = lora_mlp(x, gate, up, down, 0.5, backend=backend, compute_output=False, tile_tokens=4)
+    leaves = (*gate[1:], *up[1:])
+    got = torch.autograd.grad((out * 1.5).sum(), leaves)
+    want = torch.autograd.grad((lora_mlp(x, gate, up, down, 0.5, backend="reference") * 1.5).sum(), leaves)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, rtol=3e-5, name=f"grad {i}")
+
+
+def test_mlp_gradients_only_refuses_a_bad_tile():
+    x = torch.randn(4, 8)
+    p = make_proj(8, 8, 2, torch.float32, "cpu")
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="tile_tokens"):
+            lora_mlp(x, p, p, p, 1.0, compute_output=False, tile_tokens=bad)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
 def test_empty_input(device, backend):
     x = make_x((0, 32), torch.float32, device)
     p = make_proj(32, 48, 4, torch.float32, device)
