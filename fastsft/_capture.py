@@ -4,7 +4,11 @@ Host-side caches that skip device work (the adapters' half-precision copies of :
 say) must not be used then: a replay would read a buffer that the cache later replaces, or skip a cast whose
 source changed. And an error raised while capturing says what cannot be captured, not that a backend is broken.
 ``capturing(t)`` (``capturing_on(device)``) is True while a CUDA graph is being captured on the current stream, and inside
-:func:`emulated` (the stand-in that :mod:`fastsft.captured_layers` uses on the CPU, in tests)."""
+:func:`emulated` (the stand-in that :mod:`fastsft.captured_layers` uses on the CPU, in tests).
+
+:func:`output_unread` marks a recomputation whose result is never read, only backpropagated through (a captured
+layer's backward graph): a patched MLP ending such a layer then computes its gradients alone
+(``fastsft.ops.lora_mlp(compute_output=False)``)."""
 
 from __future__ import annotations
 
@@ -34,3 +38,30 @@ def emulated():
         yield
     finally:
         _state.emulated -= 1
+
+
+class UnreadOutput:
+    """What :func:`output_unread` yields: the MLP's row tile for its gradients (``tile_tokens``), and ``used``,
+    which the MLP sets when it took the shortcut."""
+
+    def __init__(self, tile_tokens: int):
+        self.tile_tokens, self.used = tile_tokens, False
+
+
+@contextlib.contextmanager
+def output_unread(tile_tokens: int):
+    """Inside: the decoder layer being run is recomputed for its gradients only, and its MLP's result feeds nothing
+    but the layer's output (see the module docstring). Yields an :class:`UnreadOutput`."""
+    marks = _state.__dict__.setdefault("unread", [])
+    mark = UnreadOutput(tile_tokens)
+    marks.append(mark)
+    try:
+        yield mark
+    finally:
+        marks.pop()
+
+
+def unread_output() -> UnreadOutput | None:
+    """The innermost :func:`output_unread` around the code running now, or None."""
+    marks = getattr(_state, "unread", None)
+    return marks[-1] if marks else None

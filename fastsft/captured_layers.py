@@ -26,6 +26,13 @@ overwrites that buffer, waits for the copy). In backward, layer ``i``'s input is
 recompute buffers while layer ``i + 1`` runs its backward. Seven token-sized buffers stay on the device instead
 of one per layer, and the graphs compute exactly what the kept-input graphs compute.
 
+The backward graph recomputes the layer only to differentiate it: the value of the layer's output is never read.
+In the layers that end in ``residual + mlp(norm(h))`` (Llama, Mistral, Qwen2, Qwen3, Gemma) fastsft's fused LoRA
+MLP therefore computes its gradients alone there (``fastsft.ops.lora_mlp(compute_output=False)``): its forward
+returns zeros, its backward recomputes the gate and up projections and takes every gradient in row tiles. One GEMM
+of the MLP's three (the down projection's forward) is not run, and no [tokens, intermediate] activation exists
+outside the MLP's backward. ``mlp_gradients_only=False`` recomputes the MLP as the eager layer does.
+
 What is not captured runs the eager checkpointed layer, with one log line per reason: rows that are not packed,
 a KV cache or a mask, hooks on the layer (accelerate's offloading, transformers' output recording), dropout in
 training, checkpointing functions other than torch's and fastsft's offloaded one, a second forward before the
@@ -50,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastsft import _capture
 from fastsft.offload_checkpointing import OffloadedCheckpoint
+from fastsft.ops.lora import GRADIENT_TILE_TOKENS
 
 __all__ = ["CapturedLayers", "enable_captured_layers", "disable_captured_layers", "captured_layers_of"]
 
@@ -196,8 +204,10 @@ class _GraphSet:
     """Every layer's graphs for one key and one set of bounds (tokens ``T``, sequences ``S``, longest ``L``), with
     their static inputs, one memory pool and the input-gradient buffers the layers pass to each other."""
 
-    def __init__(self, call: _Call, tokens: int, sequences: int, longest: int, graphs: str):
+    def __init__(self, call: _Call, tokens: int, sequences: int, longest: int, graphs: str,
+                 mlp_gradients_only: bool = True, mlp_tile_tokens: int = GRADIENT_TILE_TOKENS):
         self.key, self.T, self.S, self.L = call.key, tokens, sequences, longest
+        self.mlp_gradients_only, self.mlp_tile_tokens = mlp_gradients_only, mlp_tile_tokens
         self.graph_class = GRAPHS[graphs]
         device, hidden = call.x.device, call.x.shape[2]
         self.cu = torch.full((sequences + 1,), tokens, dtype=torch.int32, device=device)
@@ -320,6 +330,17 @@ class _GraphSet:
 
 # --- one layer -------------------------------------------------------------------------------------------------
 
+# decoder layers that end in ``residual + mlp(norm(h))``: in their backward graph nothing reads the MLP's result
+_MLP_ENDS_LAYER = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                   "GemmaDecoderLayer"}
+
+
+def _mlp_ends_layer(layer: torch.nn.Module) -> bool:
+    cls = type(layer)
+    return (cls.__name__ in _MLP_ENDS_LAYER and cls.__module__.startswith("transformers.models.")
+            and "forward" not in layer.__dict__)
+
+
 def _trainable(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in layer.parameters() if p.requires_grad]
 
@@ -391,10 +412,16 @@ class _LayerGraphs:
                     return out
                 return out_buffer.copy_(out)
 
+        # the recomputation's output is not read: a patched MLP ending the layer computes its gradients only
+        unread = (functools.partial(_capture.output_unread, gs.mlp_tile_tokens)
+                  if gs.mlp_gradients_only and _mlp_ends_layer(layer) else nullcontext)
+        self.mlp_gradients_only = False  # whether the MLP took that shortcut
+
         def backward():
-            with torch.enable_grad():
+            with torch.enable_grad(), unread() as mark:
                 x = self.recompute_input.detach().requires_grad_(True)
                 grads = torch.autograd.grad(run(x), [x, *self.params], self.grad_in, allow_unused=True)
+            self.mlp_gradients_only = mark is not None and mark.used
             self.grad_out.copy_(grads[0])
             return list(grads[1:])
 
@@ -524,10 +551,17 @@ class CapturedLayers:
             rounded up to a power of two.
         max_captures: the graph sets captured for bounds that grew; later batches that fit none run eagerly.
         graphs: ``"cuda"``; ``"emulated"`` re-runs the layers eagerly on the same static buffers (CPU tests).
+        mlp_gradients_only: in the backward graph of a layer that ends in ``residual + mlp(...)`` (Llama, Mistral,
+            Qwen2, Qwen3, Gemma), fastsft's fused LoRA MLP computes its gradients only
+            (``fastsft.ops.lora_mlp(compute_output=False)``): no down-projection GEMM for the unread output, and
+            its [tokens, intermediate] activations exist only inside its backward, in row tiles. False recomputes
+            the MLP as the eager checkpointed layer does.
+        mlp_tile_tokens: the rows of those tiles.
     """
 
     def __init__(self, stack: torch.nn.Module, *, token_budget: int | None = None, max_length: int | None = None,
-                 max_captures: int = 4, graphs: str = "cuda"):
+                 max_captures: int = 4, graphs: str = "cuda", mlp_gradients_only: bool = True,
+                 mlp_tile_tokens: int = GRADIENT_TILE_TOKENS):
         if graphs not in GRAPHS:
             raise ValueError(f"graphs must be one of {sorted(GRAPHS)}, got {graphs!r}")
         for name, value in (("token_budget", token_budget), ("max_length", max_length)):
@@ -535,6 +569,11 @@ class CapturedLayers:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if isinstance(max_captures, bool) or not isinstance(max_captures, int) or max_captures < 0:
             raise ValueError(f"max_captures must be a non-negative int, got {max_captures!r}")
+        if not isinstance(mlp_gradients_only, bool):
+            raise TypeError(f"mlp_gradients_only must be a bool, got {mlp_gradients_only!r}")
+        if isinstance(mlp_tile_tokens, bool) or not isinstance(mlp_tile_tokens, int) or mlp_tile_tokens < 1:
+            raise ValueError(f"mlp_tile_tokens must be a positive int, got {mlp_tile_tokens!r}")
+        self.mlp_gradients_only, self.mlp_tile_tokens = mlp_gradients_only, mlp_tile_tokens
         self.token_budget, self.max_length, self.max_captures, self.graphs = (token_budget, max_length,
                                                                              max_captures, graphs)
         self.stack = weakref.ref(stack)
@@ -554,7 +593,9 @@ class CapturedLayers:
         stack = copy.deepcopy(self.stack(), memo)  # the copy being made, from the memo
         new = object.__new__(CapturedLayers)
         new.__dict__.update(token_budget=self.token_budget, max_length=self.max_length,
-                            max_captures=self.max_captures, graphs=self.graphs, stack=weakref.ref(stack), set=None,
+                            max_captures=self.max_captures, graphs=self.graphs,
+                            mlp_gradients_only=self.mlp_gradients_only, mlp_tile_tokens=self.mlp_tile_tokens,
+                            stack=weakref.ref(stack), set=None,
                             captures=0, generation=0, _decided=-1, _eager_reason=None, _eager_detail=None,
                             _broken=None,
                             stats=dict.fromkeys(self.stats, 0), reasons={}, _hook=None)
@@ -670,7 +711,8 @@ class CapturedLayers:
             longest = min(max(self.max_length or 0, 1 << max(call.longest - 1, 0).bit_length()), tokens)
             needed = call.sequences + _padding_sequences(tokens - call.n, longest)
             sequences = max(_MIN_SEQUENCES, 1 << (2 * needed - 1).bit_length())
-            self.set = gs = _GraphSet(call, tokens, sequences, longest, self.graphs)
+            self.set = gs = _GraphSet(call, tokens, sequences, longest, self.graphs, self.mlp_gradients_only,
+                                      self.mlp_tile_tokens)
             self.captures += 1
             logger.info("fastsft captured layers: capturing for %d tokens, %d sequences of at most %d tokens",
                         tokens, sequences, longest)
@@ -680,6 +722,8 @@ class CapturedLayers:
         gs = self.set
         shape = (f"{gs.T} tokens, {gs.S} sequences of at most {gs.L}{', inputs offloaded' if gs.offload else ''}"
                  if gs is not None else "nothing captured")
+        if gs is not None and any(g.mlp_gradients_only for g in gs.layers.values()):
+            shape += f", MLP gradients only in backward (tiles of {gs.mlp_tile_tokens} tokens)"
         eager = "; ".join(f"{why} ({count}x)" for why, count in self.reasons.items())
         return (f"captured layers: {shape}; {self.stats['replayed']} layer calls replayed, {self.stats['eager']} "
                 f"eager{': ' + eager if eager else ''}")
@@ -694,7 +738,8 @@ def _stack_of(model) -> torch.nn.Module:
 
 
 def enable_captured_layers(model, *, token_budget: int | None = None, max_length: int | None = None,
-                           max_captures: int = 4, graphs: str = "cuda") -> CapturedLayers:
+                           max_captures: int = 4, graphs: str = "cuda", mlp_gradients_only: bool = True,
+                           mlp_tile_tokens: int = GRADIENT_TILE_TOKENS) -> CapturedLayers:
     """Capture ``model``'s checkpointed decoder layers (a transformers causal LM, plain or PEFT-wrapped, patched
     or not) as CUDA graphs at their first packed training call; see :mod:`fastsft.captured_layers`. Gradient
     checkpointing must be on (``model.gradient_checkpointing_enable()``, or the trainer's argument): its calls are
@@ -702,7 +747,8 @@ def enable_captured_layers(model, *, token_budget: int | None = None, max_length
     disable_captured_layers(model)
     stack = _stack_of(model)
     captured = CapturedLayers(stack, token_budget=token_budget, max_length=max_length, max_captures=max_captures,
-                              graphs=graphs)
+                              graphs=graphs, mlp_gradients_only=mlp_gradients_only,
+                              mlp_tile_tokens=mlp_tile_tokens)
     stack.__dict__[ATTR] = captured
     return captured
 

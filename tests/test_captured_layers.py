@@ -21,11 +21,11 @@ LAYERS = 3
 GPU_DIMS = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
 
 
-def lora_model(seed=0, dropout=0.0, device="cpu", dtype=torch.float32):
+def lora_model(seed=0, dropout=0.0, device="cpu", dtype=torch.float32, family="llama"):
     from peft import LoraConfig, get_peft_model
 
     dims = GPU_DIMS if device == "cuda" else {}
-    model = tiny_model("llama", seed=seed, num_hidden_layers=LAYERS, **dims).to(device=device, dtype=dtype)
+    model = tiny_model(family, seed=seed, num_hidden_layers=LAYERS, **dims).to(device=device, dtype=dtype)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"]))
@@ -85,8 +85,8 @@ def assert_same_training(got, expected, tol=1e-6):
             torch.testing.assert_close(g[name], r[name], rtol=tol, atol=tol, msg=name)
 
 
-def run(lengths_list, *, captured: dict | None, accumulate=1, seed=0):
-    model = lora_model(seed)
+def run(lengths_list, *, captured: dict | None, accumulate=1, seed=0, family="llama"):
+    model = lora_model(seed, family=family)
     layers = None
     if captured is not None:
         layers = cl.enable_captured_layers(model, graphs="emulated", **captured)
@@ -102,6 +102,39 @@ def test_emulated_graphs_train_like_the_eager_layers_across_sequence_boundaries(
     assert layers.captures == 1 and layers.stats["captured"] == LAYERS
     assert layers.stats["replayed"] == LAYERS * len(BATCHES) and layers.stats["eager"] == 0
     assert (layers.set.T, layers.set.L) == (32, 16)
+
+
+@pytest.mark.parametrize("family,gradients_only", [("llama", True), ("qwen3", True), ("mistral", True),
+                                                    ("gemma2", False)])
+def test_the_mlp_ending_a_layer_computes_only_its_gradients_in_the_backward_graph(family, gradients_only):
+    """Where nothing reads the MLP's result in the backward graph (it is added to the residual as the layer's
+    output) it runs lora_mlp(compute_output=False); Gemma 2 normalizes that result first, so it must not; either
+    way the training matches the eager layers'."""
+    expected, _, _ = run(BATCHES[:2], captured=None, family=family)
+    got, layers, _ = run(BATCHES[:2], captured={"token_budget": 32, "max_length": 16}, family=family)
+    assert_same_training(got, expected)
+    assert layers.stats["replayed"] > 0 and layers.stats["eager"] == 0
+    assert ("MLP gradients only" in layers.summary()) is gradients_only
+    assert all(g.mlp_gradients_only is gradients_only for g in layers.set.layers.values())
+
+
+@pytest.mark.parametrize("lora_backend", ["reference", "triton"])  # triton: under TRITON_INTERPRET on the CPU
+def test_the_mlp_gradients_in_row_tiles(lora_backend, monkeypatch):
+    monkeypatch.setenv("FASTSFT_BACKEND_LORA", lora_backend)
+    expected, _, _ = run(BATCHES[:2], captured=None)
+    got, layers, model = run(BATCHES[:2], captured={"token_budget": 32, "max_length": 16, "mlp_tile_tokens": 5})
+    assert_same_training(got, expected, tol=1e-5)
+    assert "MLP gradients only in backward (tiles of 5 tokens)" in layers.summary()
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert mlp.__dict__["_fastsft_mlp"].backend["lora"].backend == lora_backend
+
+
+def test_the_mlp_recomputed_in_full_when_told():
+    expected, _, _ = run(BATCHES[:2], captured=None)
+    got, layers, _ = run(BATCHES[:2], captured={"token_budget": 32, "max_length": 16, "mlp_gradients_only": False})
+    assert_same_training(got, expected)
+    assert "MLP gradients only" not in layers.summary()
+    assert not any(g.mlp_gradients_only for g in layers.set.layers.values())
 
 
 def test_gradient_accumulation_sums_the_micro_batches():
@@ -312,6 +345,10 @@ def test_bad_settings_are_refused():
         cl.enable_captured_layers(model, graphs="sometimes")
     with pytest.raises(ValueError, match="max_captures"):
         cl.enable_captured_layers(model, max_captures=-1)
+    with pytest.raises(TypeError, match="mlp_gradients_only"):
+        cl.enable_captured_layers(model, mlp_gradients_only="yes")
+    with pytest.raises(ValueError, match="mlp_tile_tokens"):
+        cl.enable_captured_layers(model, mlp_tile_tokens=0)
     with pytest.raises(TypeError, match="transformers model"):
         cl.enable_captured_layers("meta-llama/Llama-3.2-1B")
 

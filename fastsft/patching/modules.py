@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import torch
 
+from fastsft import _capture
 from fastsft.patching.lora import fused_lora_forward, fused_lora_group_forward, lora_eligibility, lora_parts
 
 Undo = Callable[[], None]
@@ -341,7 +342,9 @@ def _mlp_forward(self, x, *args, **kwargs):
     state: _MlpState | None = self.__dict__.get(_MLP_ATTR)
     if args or kwargs or state is None:
         return type(self).forward(self, x, *args, **kwargs)
-    if state.fuse_lora and not state.checkpointed():
+    # in a captured layer's backward graph the MLP's result is not read: its gradients alone, no down GEMM forward
+    unread = _capture.unread_output()
+    if state.fuse_lora and (unread is not None or not state.checkpointed()):
         # under autocast PEFT's projections compute in the autocast dtype: so does lora_mlp, where it can
         dtype = autocast_dtype(x) or x.dtype
         projections = [getattr(self, name) for name in ("gate_proj", "up_proj", "down_proj")]
@@ -349,9 +352,13 @@ def _mlp_forward(self, x, *args, **kwargs):
                  for p in projections]
         if all(p is not None for p in parts) and len({scaling for _, scaling in parts}) == 1:
             (g, scaling), (u, _), (d, _) = parts
+            options = {}
+            if unread is not None:
+                unread.used = True
+                options = {"compute_output": False, "tile_tokens": unread.tile_tokens}
             with torch.autocast(x.device.type, enabled=False):
                 return lora_mlp(x.to(dtype), g, u, d, scaling, state.activation, backend=state.backend,
-                                casts=state.casts)
+                                casts=state.casts, **options)
     if not state.gated and state.group is None:
         return type(self).forward(self, x)
     # the stock MLP's steps, down(act(gate(x)) * up(x)), with gate and up as one op and the activation fused
