@@ -58,8 +58,9 @@ MODELS = {
 # Unsloth last: when a run is stopped at a time cap, the rows written before (after every provider) are kept.
 PROVIDERS = ("trl", "trl-liger", "fastsft", "unsloth")
 # also runnable: fastsft with its decoder layers eager (no captured graphs, the layer inputs on the device), the
-# step the graphs replace; and fastsft with the captured layers' inputs kept on the device, not offloaded
-EXTRA_PROVIDERS = ("fastsft-eager", "fastsft-on-device")
+# step the graphs replace; fastsft with the captured layers' inputs kept on the device, not offloaded; and fastsft
+# with the captured backward graphs recomputing the MLP in full, as the eager layers do
+EXTRA_PROVIDERS = ("fastsft-eager", "fastsft-on-device", "fastsft-full-recompute")
 FASTSFT_PROVIDERS = ("fastsft", *EXTRA_PROVIDERS)
 UNSLOTH_SITE_ENV = "FASTSFT_UNSLOTH_SITE"
 UNSLOTH_VERSIONS = ("unsloth", "unsloth-zoo", "trl", "transformers", "peft", "datasets", "bitsandbytes")
@@ -184,7 +185,10 @@ def make_trainer(provider: str, a: argparse.Namespace, output_dir: str, callback
     if provider in FASTSFT_PROVIDERS:
         from fastsft import SFTConfig, SFTTrainer
 
-        fastsft_options["capture_layers"] = provider != "fastsft-eager"
+        capture = getattr(a, "capture_options", None) or {}
+        if provider == "fastsft-full-recompute":
+            capture = {**capture, "mlp_gradients_only": False}
+        fastsft_options["capture_layers"] = False if provider == "fastsft-eager" else (capture or True)
         if provider == "fastsft-on-device":
             config_options["gradient_checkpointing_offload"] = False
     else:
@@ -374,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
     parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    parser.add_argument("--capture-options", type=json.loads, default=None, metavar="JSON",
+                        help="fastsft.enable_captured_layers options for the fastsft providers that capture, as a "
+                             "JSON object (e.g. '{\"mlp_tile_tokens\": 2048}')")
     parser.add_argument("--unsloth-site", type=Path, default=os.environ.get(UNSLOTH_SITE_ENV) or None, metavar="DIR",
                         help=f"the site directory Unsloth and its pinned trl are installed in (default: "
                              f"${UNSLOTH_SITE_ENV}); without one, the unsloth provider runs where `import unsloth` "

@@ -178,3 +178,13 @@ def test_an_unknown_provider_is_rejected_before_the_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench_sft.main([*TINY, "--providers", "fastsft,fastsoft", "--out", str(tmp_path)])
     assert "unknown fastsoft" in capsys.readouterr().err
+
+
+def test_capture_options_reach_the_fastsft_providers_that_capture(tmp_path):
+    a = bench_sft.build_parser().parse_args([*TINY, "--capture-options", '{"mlp_tile_tokens": 64}'])
+    layers = {p: bench_sft.make_trainer(p, a, str(tmp_path / p), []).captured_layers
+              for p in ("fastsft", "fastsft-full-recompute", "fastsft-eager")}
+    assert (layers["fastsft"].mlp_gradients_only, layers["fastsft"].mlp_tile_tokens) == (True, 64)
+    full = layers["fastsft-full-recompute"]
+    assert (full.mlp_gradients_only, full.mlp_tile_tokens) == (False, 64)
+    assert layers["fastsft-eager"] is None
