@@ -30,6 +30,24 @@ def capturing_on(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+def host_caches_off(t: torch.Tensor) -> bool:
+    """Whether a host-side cache must not serve or keep anything now: while capturing (see the module docstring)
+    and in the eager run that warms a graph up before its capture (:func:`warming_up`): what that run would cache,
+    the graph makes for itself, so a cached copy would only be kept, and refreshed at every step, for nothing."""
+    return capturing(t) or bool(getattr(_state, "warmup", 0))
+
+
+@contextlib.contextmanager
+def warming_up():
+    """Code run inside is the eager run before a graph's capture (see :func:`host_caches_off`). Unlike a capture,
+    a backend that fails to compile or launch here may still fall back."""
+    _state.warmup = getattr(_state, "warmup", 0) + 1
+    try:
+        yield
+    finally:
+        _state.warmup -= 1
+
+
 @contextlib.contextmanager
 def emulated():
     """Code run inside is treated as captured (see the module docstring)."""

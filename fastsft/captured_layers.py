@@ -82,11 +82,12 @@ class _NotCaptured(Exception):
 
 class _CudaGraph:
     """A CUDA graph of ``body``: captured once on the set's side stream and memory pool, replayed on the current
-    stream. ``body`` runs once eagerly before the capture (Triton compiles, cuBLAS sets up its workspace)."""
+    stream. ``body`` runs once eagerly before the capture (Triton compiles, cuBLAS sets up its workspace), with
+    host-side caches off as under the capture (:func:`fastsft._capture.warming_up`)."""
 
     def __init__(self, body, pool, stream):
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), _capture.warming_up():
             body()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

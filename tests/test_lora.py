@@ -350,6 +350,25 @@ def test_step_casts_reuse_and_invalidation():
     assert not casts._buffers and not casts._copies
 
 
+def test_step_casts_keep_nothing_from_a_graphs_warm_up_run():
+    """The eager run before a capture casts afresh and keeps no copy: the graph makes its own, and a kept one would
+    be refreshed at every step for nothing."""
+    from fastsft import _capture
+    from fastsft.ops.lora import StepCasts
+
+    casts = StepCasts()
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    q = torch.nn.Parameter(torch.randn(2, 6))
+    with _capture.warming_up():
+        first = casts.get(p, torch.float16)
+        assert torch.equal(first, p.detach().half()) and casts.get(p, torch.float16) is not first
+        halves = [casts.get(t, torch.float16) for t in (p, q)]
+        assert casts.joined((p, q), halves) is not casts.joined((p, q), halves)
+    assert not casts._buffers and not casts._copies
+    assert casts.get(p, torch.float16) is casts.get(p, torch.float16)  # after it: cached again
+    assert len(casts._buffers) == 1
+
+
 def test_patched_model_casts_adapters_once_per_step(monkeypatch):
     """A patched float16 PEFT model with float32 adapters under gradient checkpointing: each adapter weight is
     cast once per step (forward and recomputation share the copy), the gradients are float32 and equal the

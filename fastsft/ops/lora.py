@@ -27,7 +27,7 @@ import weakref
 import torch
 
 from fastsft import backends
-from fastsft._capture import capturing
+from fastsft._capture import host_caches_off
 from fastsft.ops import nf4
 from fastsft.reference import lora as reference
 
@@ -538,7 +538,8 @@ class StepCasts:
     copies: a graph of that step still awaiting its backward (two forwards, then both backwards) sees the weights
     of the new step, which are the same unless something changed them in between. Under ``torch.inference_mode()``
     nothing is kept: each call casts afresh, as PEFT does; so too while a graph is captured (the cast is then part
-    of the graph, and every replay casts the weights as they are at that time)."""
+    of the graph, and every replay casts the weights as they are at that time) and in the eager run that warms the
+    graph up before its capture."""
 
     def __init__(self):
         self._copies: dict = {}  # this step's: key -> (weakref to the weight, version, data_ptr, copy)
@@ -568,9 +569,10 @@ class StepCasts:
                 torch._foreach_copy_(bufs, srcs)
 
     def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if torch.is_inference_mode_enabled() or capturing(t):
+        if torch.is_inference_mode_enabled() or host_caches_off(t):
             # an inference tensor has no version to key on and cannot be refreshed in place after inference mode;
             # a graph being captured casts in the graph, so that each replay reads the weights as they are then
+            # (and the eager run before its capture keeps nothing either: the graph does not read it)
             return t.detach().to(dtype)
         key = (id(t), dtype)
         hit = self._copies.get(key)
@@ -583,7 +585,7 @@ class StepCasts:
 
     def joined(self, params, halves) -> torch.Tensor:
         """``torch.cat(halves)``, the half copies of ``params`` side by side, made once per step."""
-        if torch.is_inference_mode_enabled() or capturing(halves[0]):
+        if torch.is_inference_mode_enabled() or host_caches_off(halves[0]):
             return torch.cat(halves)
         key = ("cat", *map(id, params))
         versions = tuple(h._version for h in halves)
