@@ -104,8 +104,8 @@ def test_emulated_graphs_train_like_the_eager_layers_across_sequence_boundaries(
     assert (layers.set.T, layers.set.L) == (32, 16)
 
 
-@pytest.mark.parametrize("family,gradients_only", [("llama", True), ("qwen3", True), ("mistral", True),
-                                                    ("gemma2", False)])
+@pytest.mark.parametrize("family,gradients_only", [("llama", True), ("mistral", True), ("qwen2", True),
+                                                    ("qwen3", True), ("gemma", True), ("gemma2", False)])
 def test_the_mlp_ending_a_layer_computes_only_its_gradients_in_the_backward_graph(family, gradients_only):
     """Where nothing reads the MLP's result in the backward graph (it is added to the residual as the layer's
     output) it runs lora_mlp(compute_output=False); Gemma 2 normalizes that result first, so it must not; either
