@@ -203,12 +203,14 @@ def test_mlp_gradients_only_frozen_parts_and_no_input_grad(device, backend):
         assert_close(g, w, rtol=3e-5, name=f"grad {i}")
 
 
-def test_mlp_gradients_only_refuses_a_bad_tile():
+def test_mlp_gradients_only_refuses_bad_settings():
     x = torch.randn(4, 8)
     p = make_proj(8, 8, 2, torch.float32, "cpu")
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="tile_tokens"):
             lora_mlp(x, p, p, p, 1.0, compute_output=False, tile_tokens=bad)
+    with pytest.raises(TypeError, match="compute_output"):
+        lora_mlp(x, p, p, p, 1.0, compute_output="no")
 
 
 @pytest.mark.parametrize("device,backend", CASES)

@@ -111,6 +111,8 @@ def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, scaling: floa
     the plain MLP's (rounding differs, not the math).
     """
     _check_input("lora_mlp", x, scaling)
+    if not isinstance(compute_output, bool):
+        raise TypeError(f"lora_mlp: compute_output must be a bool, got {compute_output!r}")
     if isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens < 1:
         raise ValueError(f"lora_mlp: tile_tokens must be a positive int, got {tile_tokens!r}")
     if activation not in MLP_ACTIVATIONS:
@@ -375,39 +377,62 @@ class _LoraMlp(torch.autograd.Function):
     def backward(ctx, dy):
         _no_double_backward()
         x, xa, ha, wg, *params = ctx.saved_tensors
-        p_ag, p_bg, wu, p_au, p_bu, wd, p_ad, p_bd = params
-        ag, bg, au, bu, ad, bd = ctx.half
-        s, objs = ctx.scaling, ctx.objs
-        rg, inter = ag.shape[0], bg.shape[0]
         # inputs: x 0, scaling 1, activation 2, objs 3, casts 4, wg 5, ag 6, bg 7, wu 8, au 9, bu 10, wd 11,
         # ad 12, bd 13
         need = ctx.needs_input_grad
-        dyb = _mm_scaled(dy, bd, s)  # [T, rd]
-        # d h = dY @ W_d + (s dY @ B_d) @ A_d
-        dh = dy @ _dense(wd, objs[2], dy, x.shape[1], inter)
-        dh.addmm_(dyb, ad)
-        # dequantized (4-bit) weights live from here to dX: each is dequantized once in backward
-        wg, wu = _dense(wg, objs[0], x, inter, x.shape[1]), _dense(wu, objs[1], x, inter, x.shape[1])
-        g = _project(x, wg, xa[:, :rg], bg, s)  # recomputed, not saved
-        u = _project(x, wu, xa[:, rg:], bu, s)
-        _gated_kernels().lora_gated_backward(dh, g, u, ctx.activation)  # g <- dg, u <- du, dh <- h
-        h, dg, du = dh, g, u
-        dad = _mm(dyb.T, h, p_ad.dtype) if need[12] else None
-        dbd = _mm_scaled(dy.T, ha, s, p_bd.dtype) if need[13] else None
-        del h, dh
-        dgub = torch.cat((_mm_scaled(dg, bg, s), _mm_scaled(du, bu, s)), dim=1)  # [T, rg + ru]
-        dx = None
-        if need[0]:
+        want = {"x": need[0], "a": need[6] or need[9], "bg": need[7], "bu": need[10], "ad": need[12], "bd": need[13]}
+        ag, _, au, _, _, _ = ctx.half
+        g = _mlp_rows_backward(x, xa, ha, dy, wg, params, ctx.half, torch.cat((ag, au)), ctx, want)
+        rg = ag.shape[0]
+        dag = g["a"][:rg] if need[6] else None
+        dau = _as_dtype(g["a"][rg:], params[3]) if need[9] else None
+        return (g.get("x"), None, None, None, None, None, dag, g.get("bg"), None, dau, g.get("bu"), None, g.get("ad"),
+                g.get("bd"))
+
+
+def _mlp_rows_backward(x, xa, ha, dy, wg, params, half, agu, ctx, want, dx=None) -> dict:
+    """The LoRA MLP's gradients over rows ``x`` given ``dy``: the gate and up projections recomputed from
+    ``xa = x @ [A_g; A_u].T`` (unscaled), the activation's backward in place. ``ha = h @ A_d.T``, or None to take
+    it from the recomputed ``h``. ``want``: which of ``x``, ``a`` (A_g and A_u side by side), ``bg``, ``bu``, ``ad``,
+    ``bd`` to compute; ``dx``: rows to write the input gradient into (else a new tensor). ``params``, ``half``,
+    ``ctx``: as ``_LoraMlp`` keeps them (the adapters as given, their compute copies, scaling, activation, objs)."""
+    p_ag, p_bg, wu, p_au, p_bu, wd, p_ad, p_bd = params
+    ag, bg, au, bu, ad, bd = half
+    s, objs = ctx.scaling, ctx.objs
+    rg, inter, hidden = ag.shape[0], bg.shape[0], x.shape[1]
+    out = {}
+    dyb = _mm_scaled(dy, bd, s)  # [T, rd]
+    # d h = dY @ W_d + (s dY @ B_d) @ A_d
+    dh = dy @ _dense(wd, objs[2], dy, hidden, inter)
+    dh.addmm_(dyb, ad)
+    # dequantized (4-bit) weights live from here to dX: each is dequantized once per call
+    wg, wu = _dense(wg, objs[0], x, inter, hidden), _dense(wu, objs[1], x, inter, hidden)
+    g = _project(x, wg, xa[:, :rg], bg, s)  # recomputed, not saved
+    u = _project(x, wu, xa[:, rg:], bu, s)
+    _gated_kernels().lora_gated_backward(dh, g, u, ctx.activation)  # g <- dg, u <- du, dh <- h
+    h, dg, du = dh, g, u
+    if want["ad"]:
+        out["ad"] = _mm(dyb.T, h, p_ad.dtype)
+    if want["bd"]:
+        out["bd"] = _mm_scaled(dy.T, h @ ad.T if ha is None else ha, s, p_bd.dtype)
+    del h, dh
+    dgub = torch.cat((_mm_scaled(dg, bg, s), _mm_scaled(du, bu, s)), dim=1)  # [T, rg + ru]
+    if want["x"]:
+        if dx is None:
             dx = dg @ wg
-            dx.addmm_(du, wu)
-            dx.addmm_(dgub, torch.cat((ag, au)))
-        da = _mm(dgub.T, x, p_ag.dtype) if (need[6] or need[9]) else None
-        xag, xau = xa[:, :rg], xa[:, rg:]
-        dbg = _mm_scaled(dg.T, xag, s, p_bg.dtype) if need[7] else None
-        dbu = _mm_scaled(du.T, xau, s, p_bu.dtype) if need[10] else None
-        dag = da[:rg] if need[6] else None
-        dau = _as_dtype(da[rg:], p_au) if need[9] else None
-        return dx, None, None, None, None, None, dag, dbg, None, dau, dbu, None, dad, dbd
+        else:
+            torch.mm(dg, wg, out=dx)
+        dx.addmm_(du, wu)
+        dx.addmm_(dgub, agu)
+        out["x"] = dx
+    del wg, wu
+    if want["a"]:
+        out["a"] = _mm(dgub.T, x, p_ag.dtype)
+    if want["bg"]:
+        out["bg"] = _mm_scaled(dg.T, xa[:, :rg], s, p_bg.dtype)
+    if want["bu"]:
+        out["bu"] = _mm_scaled(du.T, xa[:, rg:], s, p_bu.dtype)
+    return out
 
 
 class _LoraMlpGradients(torch.autograd.Function):
@@ -429,62 +454,33 @@ class _LoraMlpGradients(torch.autograd.Function):
     def backward(ctx, dy):
         _no_double_backward()
         x, wg, *params = ctx.saved_tensors
-        p_ag, p_bg, wu, p_au, p_bu, wd, p_ad, p_bd = params
-        ag, bg, au, bu, ad, bd = ctx.half
-        s, objs = ctx.scaling, ctx.objs
-        rg, inter, hidden = ag.shape[0], bg.shape[0], x.shape[1]
         # inputs: x 0, scaling 1, activation 2, objs 3, casts 4, tile_tokens 5, wg 6, ag 7, bg 8, wu 9, au 10,
         # bu 11, wd 12, ad 13, bd 14
         need = ctx.needs_input_grad
+        want = {"x": need[0], "a": need[7] or need[10], "bg": need[8], "bu": need[11], "ad": need[13], "bd": need[14]}
+        ag, _, au, _, _, _ = ctx.half
         agu = torch.cat((ag, au))
         dx = torch.empty_like(x) if need[0] else None
-        rows = x.shape[0]
-        tiles = [(start, min(start + ctx.tile_tokens, rows)) for start in range(0, rows, ctx.tile_tokens)]
+        rows, tile = x.shape[0], ctx.tile_tokens
         sums: dict[str, torch.Tensor] = {}
-
-        def add(name, g):
-            if len(tiles) == 1:
-                sums[name] = g
-            elif name not in sums:
-                sums[name] = g.to(torch.promote_types(g.dtype, torch.float32))
-            else:
-                sums[name] += g
-
-        for start, stop in tiles:
-            xt, dyt = x[start:stop], dy[start:stop]
-            xa = xt @ agu.T  # [t, rg + ru]
-            dyb = _mm_scaled(dyt, bd, s)  # [t, rd]
-            dh = dyt @ _dense(wd, objs[2], dyt, hidden, inter)
-            dh.addmm_(dyb, ad)
-            # dequantized (4-bit) gate and up weights live from here to this tile's dX
-            w_g, w_u = _dense(wg, objs[0], xt, inter, hidden), _dense(wu, objs[1], xt, inter, hidden)
-            g = _project(xt, w_g, xa[:, :rg], bg, s)
-            u = _project(xt, w_u, xa[:, rg:], bu, s)
-            _gated_kernels().lora_gated_backward(dh, g, u, ctx.activation)  # g <- dg, u <- du, dh <- h
-            h, dg, du = dh, g, u
-            if need[13]:
-                add("ad", _mm(dyb.T, h, p_ad.dtype))
-            if need[14]:
-                add("bd", _mm_scaled(dyt.T, h @ ad.T, s, p_bd.dtype))
-            del h, dh
-            dgub = torch.cat((_mm_scaled(dg, bg, s), _mm_scaled(du, bu, s)), dim=1)  # [t, rg + ru]
-            if dx is not None:
-                d = dx[start:stop]
-                torch.mm(dg, w_g, out=d)
-                d.addmm_(du, w_u)
-                d.addmm_(dgub, agu)
-            del w_g, w_u
-            if need[7] or need[10]:
-                add("a", _mm(dgub.T, xt, p_ag.dtype))
-            if need[8]:
-                add("bg", _mm_scaled(dg.T, xa[:, :rg], s, p_bg.dtype))
-            if need[11]:
-                add("bu", _mm_scaled(du.T, xa[:, rg:], s, p_bu.dtype))
-        da = sums.get("a")
-        dag = _as_dtype(da[:rg], p_ag) if need[7] else None
-        dau = _as_dtype(da[rg:], p_au) if need[10] else None
-        dbg, dbu = _as_dtype(sums.get("bg"), p_bg), _as_dtype(sums.get("bu"), p_bu)
-        dad, dbd = _as_dtype(sums.get("ad"), p_ad), _as_dtype(sums.get("bd"), p_bd)
+        for start in range(0, rows, tile):
+            xt, dyt = x[start:start + tile], dy[start:start + tile]
+            grads = _mlp_rows_backward(xt, xt @ agu.T, None, dyt, wg, params, ctx.half, agu, ctx, want,
+                                       dx[start:start + tile] if dx is not None else None)
+            for name, g in grads.items():
+                if name == "x":
+                    continue
+                if rows <= tile:
+                    sums[name] = g
+                elif name not in sums:
+                    sums[name] = g.to(torch.promote_types(g.dtype, torch.float32))
+                else:
+                    sums[name] += g
+        rg = ag.shape[0]
+        dag = _as_dtype(sums["a"][:rg], params[0]) if need[7] else None
+        dau = _as_dtype(sums["a"][rg:], params[3]) if need[10] else None
+        dbg, dbu = _as_dtype(sums.get("bg"), params[1]), _as_dtype(sums.get("bu"), params[4])
+        dad, dbd = _as_dtype(sums.get("ad"), params[6]), _as_dtype(sums.get("bd"), params[7])
         return dx, None, None, None, None, None, None, dag, dbg, None, dau, dbu, None, dad, dbd
 
 
