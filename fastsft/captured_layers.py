@@ -206,7 +206,7 @@ class _GraphSet:
     their static inputs, one memory pool and the input-gradient buffers the layers pass to each other."""
 
     def __init__(self, call: _Call, tokens: int, sequences: int, longest: int, graphs: str,
-                 mlp_gradients_only: bool = True, mlp_tile_tokens: int = GRADIENT_TILE_TOKENS):
+                 mlp_gradients_only: bool, mlp_tile_tokens: int):
         self.key, self.T, self.S, self.L = call.key, tokens, sequences, longest
         self.mlp_gradients_only, self.mlp_tile_tokens = mlp_gradients_only, mlp_tile_tokens
         self.graph_class = GRAPHS[graphs]
